@@ -1,0 +1,85 @@
+"""Command line: ``python jobs/prune.py [--config FILE] [--section.option VALUE ...]``.
+
+Every config option is a flag (``--help`` lists them with their defaults); flags
+override the YAML file, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+from rayprune.config import ConfigError, JobConfig, flat_fields, load_config
+
+_MISSING = object()
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "LIST"
+    if typing.get_origin(typ) is not None:
+        return "VALUE"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(typ, "VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/prune.py",
+        description="Prune an image pool for adversarial training: score a subset, extrapolate, select.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML config (a preset from configs/ or your own)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    options = parser.add_argument_group("options (override the config file; dotted names match its keys)")
+    for key, (typ, default) in flat_fields(JobConfig).items():
+        flags = [f"--{key}"]
+        if key == "output_dir":
+            flags.append("--output-dir")
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        options.add_argument(
+            *flags, dest=key, default=_MISSING, metavar=_type_name(typ), help=f"(default: {shown})"
+        )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not _MISSING and k not in ("config", "log_level")}
+    try:
+        return load_config(args.config, overrides), args
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def format_summary(summary) -> str:
+    lines = [
+        "",
+        "rayprune summary",
+        f"  pool size      {summary.pool_size}",
+        f"  scored         {summary.scored}",
+        f"  extrapolated   {summary.extrapolated}",
+        f"  kept           {summary.kept}",
+        f"  training steps {summary.training_steps}",
+        "  stage wall time (s):",
+    ]
+    lines += [f"    {stage:<14} {seconds:8.1f}" for stage, seconds in summary.stage_seconds.items()]
+    lines.append(f"  outputs        {summary.output_dir}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_config(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rayprune.local_run import run_local  # heavy imports after argument errors
+
+    summary = run_local(config)
+    print(format_summary(summary))  # the CLI summary is the one place print belongs
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

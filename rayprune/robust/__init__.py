@@ -1,0 +1,54 @@
+"""Robust-training building blocks in plain PyTorch: models, PGD attacks, AT losses, EMA."""
+
+from rayprune.robust.at_losses import pgd_at_loss, trades_loss
+from rayprune.robust.attacks import (
+    ATTACK_LOSSES,
+    NORMS,
+    AttackConfig,
+    attack_objective,
+    l2_128_255,
+    linf_8_255,
+    pgd_attack,
+)
+from rayprune.robust.ema import ModelEMA, unwrap_model
+from rayprune.robust.metrics import true_class_stats
+from rayprune.robust.models import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MODEL_REGISTRY,
+    EmbeddingClassifier,
+    Normalize,
+    PreActResNet18,
+    SmallCNN,
+    WideResNet,
+    build_model,
+    count_parameters,
+)
+from rayprune.robust.modes import MODEL_MODES, temporary_mode
+
+__all__ = [
+    "ATTACK_LOSSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "MODEL_MODES",
+    "MODEL_REGISTRY",
+    "NORMS",
+    "AttackConfig",
+    "EmbeddingClassifier",
+    "ModelEMA",
+    "Normalize",
+    "PreActResNet18",
+    "SmallCNN",
+    "WideResNet",
+    "attack_objective",
+    "build_model",
+    "count_parameters",
+    "l2_128_255",
+    "linf_8_255",
+    "pgd_at_loss",
+    "pgd_attack",
+    "temporary_mode",
+    "trades_loss",
+    "true_class_stats",
+    "unwrap_model",
+]

@@ -1,0 +1,124 @@
+"""One epoch of adversarial training, as a fixed number of optimiser steps.
+
+An epoch here is a step budget, not a pass over the data: the scoring run trains on a
+small subset for as many steps as a full run would take (see method.md), so batches come
+from an endless reshuffled stream over the samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayprune.robust.at_losses import pgd_at_loss, trades_loss
+from rayprune.robust.attacks import AttackConfig
+from rayprune.robust.ema import ModelEMA
+from rayprune.robust.training import augment, learning_rate
+from rayprune.validation import check_choice
+
+AT_LOSSES = ("pgd_at", "trades")
+
+
+@dataclass(frozen=True)
+class ATRecipe:
+    """Everything a training step needs besides the model, data and attack."""
+
+    loss: str = "pgd_at"
+    trades_beta: float = 5.0
+    label_smoothing: float = 0.0
+    lr: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self.loss, "loss", AT_LOSSES)
+
+
+class BatchStream:
+    """Endless stream of index batches: each pass over ``n`` samples is a fresh permutation.
+
+    Its state (position and pass count) is two integers, so a resumed run continues
+    with exactly the batches it would have drawn.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, passes: int = 0, position: int = 0) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.passes, self.position = passes, position
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.passes]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        """The next ``batch_size`` indices (wrapping into the next pass when needed)."""
+        parts, need = [], self.batch_size
+        while need:
+            take = self._order[self.position : self.position + need]
+            parts.append(take)
+            need -= len(take)
+            self.position += len(take)
+            if self.position == self.n:
+                self.passes, self.position = self.passes + 1, 0
+                self._order = self._permutation()
+        return np.concatenate(parts)
+
+    def state(self) -> dict[str, int]:
+        return {"passes": self.passes, "position": self.position}
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    stream: BatchStream,
+    attack: AttackConfig,
+    recipe: ATRecipe,
+    *,
+    steps: int,
+    first_step: int,
+    total_steps: int,
+    ema: ModelEMA | None = None,
+    generator: torch.Generator | None = None,
+    on_step=None,
+) -> dict[str, float]:
+    """Run ``steps`` optimiser steps of PGD-AT or TRADES; return mean loss and accuracies.
+
+    ``images`` are float (N, C, H, W) in [0, 1] on the model's device; ``first_step`` and
+    ``total_steps`` place these steps on the learning-rate schedule.
+    """
+    model.train()
+    device = images.device
+    totals: dict[str, float] = {}
+    for i in range(steps):
+        step = first_step + i
+        lr = learning_rate(step, total_steps, recipe.lr, recipe.schedule, recipe.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = torch.from_numpy(stream.next()).to(device)
+        x, y = images[idx], labels[idx]
+        if recipe.augment:
+            x = augment(x, generator=generator)
+        if recipe.loss == "trades":
+            loss, stats = trades_loss(
+                model, x, y, attack, beta=recipe.trades_beta, label_smoothing=recipe.label_smoothing, generator=generator
+            )
+        else:
+            loss, stats = pgd_at_loss(model, x, y, attack, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        stats["lr"] = lr
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+        if on_step is not None:
+            on_step(step)
+    return {key: value / max(1, steps) for key, value in totals.items()}

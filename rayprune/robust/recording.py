@@ -1,0 +1,86 @@
+"""Inference passes of the scoring run: per-epoch recording and pool embeddings.
+
+After every epoch the raw (non-EMA) model, in eval mode, sees the un-augmented scored
+samples clean and under the training attack; per sample we keep the true-class
+probability and margin of both. These rows, stacked over epochs, are the histories
+that scores are computed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayprune.robust.attacks import AttackConfig, pgd_attack
+from rayprune.robust.metrics import true_class_stats
+from rayprune.robust.modes import temporary_mode
+
+RECORDED_FIELDS = ("p_clean", "p_adv", "margin_clean", "margin_adv", "l2_error_clean", "l2_error_adv")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch's per-sample statistics, aligned with the samples given."""
+
+    p_clean: np.ndarray
+    p_adv: np.ndarray
+    margin_clean: np.ndarray
+    margin_adv: np.ndarray
+    l2_error_clean: np.ndarray  # ||softmax - onehot||_2, the per-epoch EL2N term
+    l2_error_adv: np.ndarray
+
+
+def record_predictions(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attack: AttackConfig,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+) -> EpochRecord:
+    """Clean and adversarial true-class statistics of ``model`` on float images in [0, 1].
+
+    The attack uses cross-entropy, as during training (``attack.loss`` is overridden).
+    The model's mode is restored afterwards.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"images and labels must have the same length; got {len(images)} and {len(labels)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    ce_attack = dataclasses.replace(attack, loss="ce")
+    device = next(model.parameters()).device
+    out = {f: [] for f in RECORDED_FIELDS}
+    with temporary_mode(model, "eval"):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            x_adv = pgd_attack(model, x, y, ce_attack, generator=generator)
+            for kind, inputs in (("clean", x), ("adv", x_adv)):
+                with torch.no_grad():
+                    logits = model(inputs)
+                p, m = true_class_stats(logits, y)
+                err = (F.softmax(logits.float(), dim=1) - F.one_hot(y, logits.shape[1])).norm(dim=1)
+                out[f"p_{kind}"].append(p.cpu())
+                out[f"margin_{kind}"].append(m.cpu())
+                out[f"l2_error_{kind}"].append(err.cpu())
+    return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32) for f, v in out.items()})
+
+
+def compute_embeddings(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
+    """Penultimate-layer embeddings (float32, (N, D)) of float images, in eval mode."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    device = next(model.parameters()).device
+    parts = []
+    with temporary_mode(model, "eval"), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            parts.append(model.embed(images[start : start + batch_size].to(device)).float().cpu())
+    if not parts:
+        return np.empty((0, model.embedding_dim), np.float32)
+    return torch.cat(parts).numpy()

@@ -1,0 +1,83 @@
+"""Config: defaults, YAML, dotted overrides, and errors that name the key."""
+
+import pytest
+
+from rayprune.cli import build_parser, parse_config
+from rayprune.config import ConfigError, JobConfig, flat_fields, from_dict, load_config, to_dict
+
+
+def test_defaults_round_trip_through_dict():
+    config = JobConfig()
+    assert from_dict(JobConfig, to_dict(config)) == config
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 20\n  lr: 0.05\nattack:\n  eps: 8/255\nselection:\n  keep_fraction: 0.3\n")
+    config = load_config(path, {"train.epochs": "25", "pool.prunable_sources": "synthetic,real"})
+    assert config.train.epochs == 25  # CLI beats YAML
+    assert config.train.lr == 0.05  # YAML beats default
+    assert config.attack.eps == pytest.approx(8 / 255)
+    assert config.selection.keep_fraction == 0.3
+    assert config.pool.prunable_sources == ("synthetic", "real")
+    assert config.model == JobConfig().model  # untouched sections keep defaults
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.epoch": "3"}, r"unknown config key\(s\) train\.epoch; allowed in train: .*epochs"),
+        ({"trian.epochs": "3"}, r"unknown config key\(s\) trian"),
+        ({"train.epochs": "three"}, r"train\.epochs must be an integer"),
+        ({"train.epochs": "2.5"}, r"train\.epochs must be an integer"),
+        ({"train.augment": "maybe"}, r"train\.augment must be true or false"),
+        ({"model.name": "resnet9000"}, r"unknown model\.name 'resnet9000'; allowed: small_cnn"),
+        ({"attack.norm": "l1"}, r"unknown attack\.norm 'l1'; allowed: linf, l2"),
+        ({"selection.keep_fraction": "0"}, r"selection\.keep_fraction must be a fraction in \(0, 1\]"),
+        ({"selection.keep_fraction": "1.5"}, r"selection\.keep_fraction must be a fraction"),
+        ({"split.subset_fraction": "-1"}, r"split\.subset_fraction must be a fraction"),
+        ({"extrapolation.k": "0"}, r"extrapolation\.k must be >= 1"),
+        ({"extrapolation.weighting": "far"}, r"unknown extrapolation\.weighting"),
+        ({"scoring.score": "vibes"}, r"unknown scoring\.score 'vibes'"),
+        ({"train.epochs": "10"}, r"scoring\.window \(10\) must be smaller than train\.epochs \(10\)"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping"):
+        load_config(listy)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train must be a mapping"):
+        load_config(section)
+
+
+def test_every_option_is_a_flag_with_its_default_in_help():
+    help_text = build_parser().format_help()
+    for key, (_, default) in flat_fields(JobConfig).items():
+        assert f"--{key}" in help_text
+    assert "(default: 0.5)" in help_text  # selection.keep_fraction
+
+
+def test_cli_overrides_and_rejects_typos(capsys):
+    config, _ = parse_config(["--train.epochs", "12", "--output-dir", "/tmp/x"])
+    assert config.train.epochs == 12 and config.output_dir == "/tmp/x"
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--train.epochz", "12"])
+    assert exc.value.code == 2
+    assert "--train.epochz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--extrapolation.k", "-3"])
+    assert "extrapolation.k must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Neighbour search and score extrapolation against brute force written in the test."""
+
+import numpy as np
+import pytest
+
+from rayprune.scoring import ExtrapolationConfig, SearchOptions, extrapolate_scores, knn_search, neighbour_weights
+
+
+def brute_force_knn(queries, references, k, metric="euclidean"):
+    """Every pairwise distance in float64 by broadcasting, then a full sort."""
+    q, r = queries.astype(np.float64), references.astype(np.float64)
+    if metric == "cosine":
+        cos = (q @ r.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(r, axis=1)[None]
+        d = 1.0 - cos
+    else:
+        d = np.sqrt(((q[:, None, :] - r[None, :, :]) ** 2).sum(axis=2))
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, idx, axis=1), idx
+
+
+@pytest.fixture
+def clouds():
+    rng = np.random.default_rng(0)
+    # Offset far from the origin: the float32 expansion |q|^2 - 2qr + |r|^2 would
+    # lose digits here without centring.
+    refs = rng.normal(size=(700, 24)).astype(np.float32) + 50.0
+    queries = rng.normal(size=(333, 24)).astype(np.float32) + 50.0
+    return queries, refs
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("blocks", [(2048, 16384), (50, 64), (7, 700)])
+def test_exact_search_equals_brute_force(clouds, metric, blocks):
+    queries, refs = clouds
+    if metric == "cosine":
+        queries, refs = queries - 50.0, refs - 50.0
+    options = SearchOptions(metric=metric, query_block=blocks[0], reference_block=blocks[1])
+    dist, idx = knn_search(queries, refs, 12, options)
+    ref_dist, ref_idx = brute_force_knn(queries, refs, 12, metric)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-5)
+
+
+def test_same_label_search_equals_brute_force_per_label(clouds):
+    queries, refs = clouds
+    rng = np.random.default_rng(1)
+    q_lab, r_lab = rng.integers(0, 3, len(queries)), rng.integers(0, 3, len(refs))
+    dist, idx = knn_search(queries, refs, 5, query_labels=q_lab, reference_labels=r_lab)
+    assert (r_lab[idx] == q_lab[:, None]).all()
+    for label in range(3):
+        rows, cols = np.flatnonzero(q_lab == label), np.flatnonzero(r_lab == label)
+        ref_dist, ref_idx = brute_force_knn(queries[rows], refs[cols], 5)
+        np.testing.assert_array_equal(idx[rows], cols[ref_idx])
+        np.testing.assert_allclose(dist[rows], ref_dist, rtol=1e-4)
+
+
+def test_approx_search_has_high_recall(clouds):
+    queries, refs = clouds
+    _, idx = knn_search(queries, refs, 10, SearchOptions(method="approx"))
+    _, ref_idx = brute_force_knn(queries, refs, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref_idx)])
+    assert recall >= 0.95
+
+
+def test_uniform_extrapolation_is_mean_of_brute_force_neighbours(clouds):
+    queries, refs = clouds
+    scores = np.random.default_rng(2).random(len(refs))
+    result = extrapolate_scores(refs, scores, queries, ExtrapolationConfig(k=12))
+    ref_dist, ref_idx = brute_force_knn(queries, refs, 12)
+    np.testing.assert_allclose(result.scores, scores[ref_idx].mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(result.neighbour_distance, ref_dist.mean(axis=1), rtol=1e-4)
+    assert not result.measured.any()
+
+
+def test_queries_that_are_references_keep_their_scores(clouds):
+    queries, refs = clouds
+    scores = np.random.default_rng(3).random(len(refs))
+    ref_ids = np.arange(1000, 1000 + len(refs))
+    # Queries: 5 references (shuffled) and 5 unscored samples.
+    picked = np.array([9, 3, 600, 42, 0])
+    q_emb = np.concatenate([refs[picked], queries[:5]])
+    q_ids = np.concatenate([ref_ids[picked], [1, 2, 3, 4, 5]])
+    result = extrapolate_scores(refs, scores, q_emb, ExtrapolationConfig(k=4), reference_ids=ref_ids, query_ids=q_ids)
+    np.testing.assert_array_equal(result.measured, [True] * 5 + [False] * 5)
+    np.testing.assert_array_equal(result.scores[:5], scores[picked])
+    assert (result.neighbour_distance[:5] == 0).all() and (result.neighbour_distance[5:] > 0).all()
+    _, ref_idx = brute_force_knn(queries[:5], refs, 4)
+    np.testing.assert_allclose(result.scores[5:], scores[ref_idx].mean(axis=1))
+
+
+def test_weightings_favour_closer_neighbours():
+    d = np.array([[1.0, 2.0, 4.0], [0.0, 1.0, 3.0], [2.0, 2.0, 2.0]])
+    inv = neighbour_weights(d, "inverse_distance")
+    np.testing.assert_allclose(inv[0], np.array([1, 0.5, 0.25]) / 1.75)
+    np.testing.assert_allclose(inv[1], [1, 0, 0])  # an exact duplicate takes all the weight
+    exp = neighbour_weights(d, "exp", temperature=1.0)
+    np.testing.assert_allclose(exp[0], np.exp(-np.array([0, 1, 3])) / np.exp(-np.array([0, 1, 3])).sum())
+    for w in (inv, exp, neighbour_weights(d, "exp")):
+        np.testing.assert_allclose(w.sum(axis=1), 1.0)
+        assert (np.diff(w[:2], axis=1) <= 1e-15).all()  # non-increasing with distance
+        np.testing.assert_allclose(w[2], 1 / 3)  # equal distances, equal weights
+
+
+def test_weighted_extrapolation_matches_hand_weights(clouds):
+    queries, refs = clouds
+    scores = np.random.default_rng(4).random(len(refs))
+    config = ExtrapolationConfig(k=6, weighting="inverse_distance")
+    result = extrapolate_scores(refs, scores, queries, config)
+    ref_dist, ref_idx = brute_force_knn(queries, refs, 6)
+    w = 1 / ref_dist
+    np.testing.assert_allclose(result.scores, (w * scores[ref_idx]).sum(axis=1) / w.sum(axis=1), rtol=1e-5)
+
+
+def test_extrapolation_argument_errors(clouds):
+    queries, refs = clouds
+    scores = np.ones(len(refs))
+    with pytest.raises(ValueError, match="k must not exceed"):
+        extrapolate_scores(refs, scores, queries, ExtrapolationConfig(k=len(refs) + 1))
+    with pytest.raises(ValueError, match="same length"):
+        extrapolate_scores(refs, scores[:-1], queries)
+    with pytest.raises(ValueError, match="reference_scores must be finite"):
+        extrapolate_scores(refs, np.where(np.arange(len(refs)) == 5, np.nan, 1.0), queries)
+    with pytest.raises(ValueError, match="non-empty"):
+        extrapolate_scores(refs[:0], scores[:0], queries)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        ExtrapolationConfig(weighting="far_heavier")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        ExtrapolationConfig(k=0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        SearchOptions(metric="manhattan")
+    with pytest.raises(ValueError, match="same dims"):
+        knn_search(queries[:, :5], refs, 3)
+    with pytest.raises(ValueError, match="label 2"):
+        labels = np.zeros(len(refs), dtype=int)
+        labels[:3] = 2
+        knn_search(queries, refs, 5, query_labels=np.full(len(queries), 2), reference_labels=labels)
+    with pytest.raises(ValueError, match="reference_ids must be unique"):
+        extrapolate_scores(refs, scores, queries, reference_ids=np.zeros(len(refs)), query_ids=np.arange(len(queries)))

@@ -1,0 +1,104 @@
+"""Training-loop pieces and the recording pass, against direct computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rayprune.robust import AttackConfig, build_model
+from rayprune.robust.loop import ATRecipe, BatchStream, train_steps
+from rayprune.robust.recording import compute_embeddings, record_predictions
+from rayprune.robust.training import augment, learning_rate, make_optimizer, to_float_images
+
+
+def test_batch_stream_passes_are_permutations_and_resume_exactly():
+    stream = BatchStream(10, 4, seed=1)
+    drawn = np.concatenate([stream.next() for _ in range(5)])  # 20 = two full passes
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert not np.array_equal(drawn[:10], drawn[10:])  # each pass reshuffled
+    a = BatchStream(10, 3, seed=2)
+    [a.next() for _ in range(4)]
+    b = BatchStream(10, 3, seed=2, **a.state())
+    for _ in range(5):
+        np.testing.assert_array_equal(a.next(), b.next())
+
+
+def test_cosine_schedule_matches_formula():
+    total, warm, base = 100, 10, 0.2
+    assert learning_rate(0, total, base, "cosine", warm) == pytest.approx(base / warm)
+    assert learning_rate(9, total, base, "cosine", warm) == pytest.approx(base)
+    for step in (10, 37, 99):
+        expected = base * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+        assert learning_rate(step, total, base, "cosine", warm) == pytest.approx(expected)
+    assert learning_rate(50, total, base, "constant") == base
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate(0, 10, 0.1, "linear")
+
+
+def test_optimizer_decays_weights_only():
+    model = build_model("small_cnn", num_classes=3, width=4)
+    opt = make_optimizer(model, lr=0.1, weight_decay=5e-4)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    out = augment(x, padding=2, generator=torch.Generator().manual_seed(5))
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+    assert torch.equal(augment(x, padding=0, flip=False), x)
+
+
+def test_to_float_images_layout():
+    raw = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    t = to_float_images(raw)
+    assert t.shape == (2, 3, 4, 5)
+    assert t[1, 2, 3, 4].item() == pytest.approx(raw[1, 3, 4, 2] / 255)
+    with pytest.raises(ValueError, match="uint8"):
+        to_float_images(raw.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = (0.5 + 0.3 * (torch.nn.functional.one_hot(y, 3).float() @ torch.randn(3, 3 * 8 * 8, generator=g)).view(-1, 3, 8, 8))
+    return x.clamp(0, 1), y
+
+
+def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_task):
+    x, y = tiny_task
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=3, width=8)
+    opt = make_optimizer(model, lr=0.05)
+    attack = AttackConfig("linf", 2 / 255, 1 / 255, 2)
+    recipe = ATRecipe(lr=0.05, schedule="constant", augment=False)
+    stream = BatchStream(len(x), 32, seed=0)
+    first = train_steps(model, opt, x, y, stream, attack, recipe, steps=3, first_step=0, total_steps=40)
+    for i in range(1, 8):
+        last = train_steps(model, opt, x, y, stream, attack, recipe, steps=5, first_step=3 + 5 * i, total_steps=40)
+    assert last["loss"] < first["loss"]
+
+    model.train()
+    record = record_predictions(model, x, y, attack, batch_size=40, generator=torch.Generator().manual_seed(1))
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        probs = F.softmax(model(x), dim=1)
+    p_true = probs[torch.arange(len(y)), y]
+    others = probs.clone()
+    others[torch.arange(len(y)), y] = -1
+    np.testing.assert_allclose(record.p_clean, p_true.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(record.margin_clean, (p_true - others.max(dim=1).values).numpy(), atol=1e-6)
+    err = (probs - F.one_hot(y, 3)).norm(dim=1)
+    np.testing.assert_allclose(record.l2_error_clean, err.numpy(), rtol=1e-5, atol=1e-6)
+    assert record.p_adv.mean() < record.p_clean.mean()  # the attack lowers true-class probability
+    np.testing.assert_allclose(compute_embeddings(model, x, batch_size=7), model.embed(x).detach().numpy(), rtol=1e-5, atol=1e-6)
