@@ -59,24 +59,27 @@ def format_summary(summary) -> str:
     lines = [
         "",
         "rayprune summary",
-        f"  pool size      {summary.pool_size}",
-        f"  scored         {summary.scored}",
-        f"  extrapolated   {summary.extrapolated}",
-        f"  kept           {summary.kept}",
-        f"  training steps {summary.training_steps}",
+        f"  pool size        {summary.pool_size}",
+        f"  scored           {summary.scored}",
+        f"  extrapolated     {summary.extrapolated}",
+        f"  kept             {summary.kept}  {summary.kept_per_source}",
+        f"  training steps   {summary.training_steps} (sample-gradient steps {summary.sample_gradient_steps})",
+        f"  embedded on      {len(summary.embedded_rows_per_node)} node(s): "
+        + ", ".join(f"{node[:8]}={rows}" for node, rows in summary.embedded_rows_per_node.items()),
         "  stage wall time (s):",
     ]
     lines += [f"    {stage:<14} {seconds:8.1f}" for stage, seconds in summary.stage_seconds.items()]
-    lines.append(f"  outputs        {summary.output_dir}")
+    lines.append(f"  outputs          {summary.output_dir}")
+    lines += [f"    {name:<18} {path}" for name, path in summary.outputs.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from rayprune.local_run import run_local  # heavy imports after argument errors
+    from rayprune.pipeline import run_pipeline  # heavy imports after argument errors
 
-    summary = run_local(config)
+    summary = run_pipeline(config)
     print(format_summary(summary))  # the CLI summary is the one place print belongs
     return 0
 

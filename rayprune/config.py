@@ -17,16 +17,18 @@ from typing import Any
 
 import yaml
 
-from rayprune.robust.attacks import ATTACK_LOSSES, NORMS
+from rayprune.data.demo_pool import DemoPoolSpec
+from rayprune.robust.attacks import NORMS
+from rayprune.robust.loop import AT_LOSSES
 from rayprune.robust.models import MODEL_REGISTRY
 from rayprune.scoring.extrapolate import WEIGHTINGS
+from rayprune.robust.training import SCHEDULES
 from rayprune.scoring.neighbours import METHODS, METRICS
+from rayprune.scoring.scores import SCORE_NAMES
 from rayprune.validation import check_choice, check_fraction
 
-SCORES = ("dynamic_uncertainty", "frequency", "el2n", "forgetting", "mean_margin", "random")
+SCORES = SCORE_NAMES
 SIGNALS = ("adv", "clean")
-AT_LOSSES = ("pgd_at", "trades")
-SCHEDULES = ("constant", "cosine", "one_cycle")
 STRATEGIES = ("score", "random")
 
 
@@ -35,24 +37,44 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class DemoPoolConfig:
-    """The generated demo pool used when no pool path is given."""
+class PoolConfig:
+    """Where the pool comes from and which of its sources may be pruned.
 
-    n_real: int = 1000
-    n_synthetic: int = 4000
-    image_size: int = 16
-    num_classes: int = 10
-    seed: int = 0
-    label_noise: float = 0.03
-    duplicate_fraction: float = 0.1
+    ``path``: a pool directory (see ``rayprune.data.pool``); empty = generate the demo
+    pool described by ``demo`` into ``<output_dir>/pool``.
+    """
+
+    path: str = ""
+    demo: DemoPoolSpec = field(default_factory=DemoPoolSpec)
+    prunable_sources: tuple[str, ...] = ("synthetic",)
+
+    def __post_init__(self) -> None:
+        if not self.prunable_sources:
+            raise ConfigError("pool.prunable_sources must name at least one source (e.g. synthetic)")
 
 
 @dataclass(frozen=True)
-class PoolConfig:
-    """Where the pool comes from and which of its sources may be pruned."""
+class RayConfig:
+    """How the job uses the Ray cluster; 0 / "auto" values are sized from its resources.
 
-    demo: DemoPoolConfig = field(default_factory=DemoPoolConfig)
-    prunable_sources: tuple[str, ...] = ("synthetic",)
+    ``address``: empty = the ``RAY_ADDRESS`` environment variable if set (as under
+    ``ray job submit``), else a local Ray instance started for the job.
+    """
+
+    address: str = ""
+    train_workers: int = 0
+    use_gpu: str = "auto"
+    embed_actors: int = 0
+    extrapolate_actors: int = 0
+    inference_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _wrap(check_choice, self.use_gpu, "ray.use_gpu", ("auto", "true", "false"))
+        for name in ("train_workers", "embed_actors", "extrapolate_actors"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ray.{name} must be >= 0 (0 = size from the cluster); got {getattr(self, name)}")
+        if self.inference_batch_size < 1:
+            raise ConfigError(f"ray.inference_batch_size must be >= 1; got {self.inference_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -94,9 +116,10 @@ class AttackSettings:
 class TrainConfig:
     """Adversarial-training recipe of the scoring run.
 
-    ``steps_per_epoch``: optimiser steps per epoch; 0 sizes an epoch by the real part of
-    the pool (one pass over the real data), as the paper's code does, so the scoring run
-    gets the step budget of a full run and not one pass over the small subset.
+    ``steps_per_epoch``: optimiser steps per epoch; 0 sizes an epoch as one pass over the
+    real part of the pool (over the whole pool if it has no real part), as the paper's
+    code does, so the scoring run gets the step budget of a full run, not one pass over
+    the small subset. ``batch_size`` is global (split over the training workers).
     """
 
     loss: str = "pgd_at"
@@ -180,6 +203,7 @@ class JobConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     extrapolation: ExtrapolationSettings = field(default_factory=ExtrapolationSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if self.scoring.score in ("dynamic_uncertainty",) and self.scoring.window >= self.train.epochs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,6 +78,8 @@ def augment(images: torch.Tensor, padding: int = 4, flip: bool = True, generator
 
 def to_float_images(images_uint8) -> torch.Tensor:
     """uint8 (B, H, W, C) array or tensor -> float32 (B, C, H, W) in [0, 1]."""
+    if isinstance(images_uint8, np.ndarray) and not images_uint8.flags.writeable:
+        images_uint8 = images_uint8.copy()  # Ray Data hands out read-only zero-copy arrays
     t = torch.as_tensor(images_uint8)
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"images must be uint8 (B, H, W, C); got {t.dtype} {tuple(t.shape)}")

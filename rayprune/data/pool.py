@@ -1,0 +1,273 @@
+"""The pool format: a directory of Parquet files plus ``pool.json``.
+
+One row per sample::
+
+    id      int64    stable, unique across the pool (the join key everywhere)
+    image   binary   H*W*C uint8 bytes, row-major H x W x C (as numpy's tobytes())
+    label   int64    class index in [0, num_classes)
+    source  string   where the sample came from, e.g. "real" or "synthetic"
+
+Every image in a pool has the same shape, recorded in ``pool.json`` (and in each file's
+schema metadata) together with the row count, the number of classes, the count per
+source and the file list. Several files let Ray Data read a pool in parallel across
+nodes; plain pyarrow, pandas and Spark read it too (``image`` is a plain binary column).
+
+``PoolWriter`` validates every batch (dtype, shape, label range, duplicate ids) with
+errors that name the input and row, and writes into a temporary directory that is
+renamed into place only when complete, so a failed conversion leaves nothing that looks
+like a pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+POOL_META = "pool.json"
+FORMAT_VERSION = 1
+SCHEMA = pa.schema(
+    [("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())]
+)
+
+
+class PoolError(ValueError):
+    """A pool or pool input that is not valid; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What ``pool.json`` records about a pool."""
+
+    num_rows: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    sources: dict[str, int]
+    files: list[str]
+    format_version: int = FORMAT_VERSION
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def image_bytes(self) -> int:
+        h, w, c = self.image_shape
+        return h * w * c
+
+
+def read_pool_info(path: str | Path) -> PoolInfo:
+    """Load and check ``pool.json`` of the pool at ``path``."""
+    meta = Path(path) / POOL_META
+    try:
+        data = json.loads(meta.read_text())
+    except FileNotFoundError:
+        raise PoolError(f"{path} is not a pool: {POOL_META} is missing (convert data with `rayprune-convert`)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PoolError(f"{meta} is unreadable: {exc}") from None
+    try:
+        info = PoolInfo(
+            num_rows=int(data["num_rows"]),
+            image_shape=tuple(int(v) for v in data["image_shape"]),
+            num_classes=int(data["num_classes"]),
+            sources={str(k): int(v) for k, v in data["sources"].items()},
+            files=[str(f) for f in data["files"]],
+            format_version=int(data.get("format_version", FORMAT_VERSION)),
+            class_names=[str(c) for c in data.get("class_names", [])],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PoolError(f"{meta} is malformed ({exc!r}); expected num_rows, image_shape, num_classes, sources, files") from None
+    if info.format_version != FORMAT_VERSION:
+        raise PoolError(f"{meta}: format_version {info.format_version} is not supported (this rayprune reads {FORMAT_VERSION})")
+    if len(info.image_shape) != 3 or min(info.image_shape) < 1:
+        raise PoolError(f"{meta}: image_shape must be [H, W, C] with positive sizes; got {list(info.image_shape)}")
+    if info.num_rows < 1:
+        raise PoolError(f"{meta}: the pool is empty (num_rows = {info.num_rows})")
+    for name in info.files:
+        if Path(name).name != name:
+            raise PoolError(f"{meta}: file names must be plain names inside the pool; got {name!r}")
+    return info
+
+
+def pool_files(path: str | Path, info: PoolInfo | None = None) -> list[str]:
+    """Absolute paths of the pool's Parquet files, checked to exist."""
+    info = info or read_pool_info(path)
+    files = [str(Path(path) / name) for name in info.files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise PoolError(f"pool {path} lists {len(missing)} missing file(s), first: {missing[0]}")
+    return files
+
+
+def decode_images(column, shape: tuple[int, int, int]) -> np.ndarray:
+    """Binary image column (pyarrow or numpy of bytes) -> uint8 array (n, H, W, C)."""
+    values = column.to_pylist() if isinstance(column, (pa.Array, pa.ChunkedArray)) else list(column)
+    size = int(np.prod(shape))
+    if not values:
+        return np.empty((0, *shape), np.uint8)
+    for i, v in enumerate(values):
+        if len(v) != size:
+            raise PoolError(f"row {i} of the batch: image has {len(v)} bytes; expected {size} for shape {list(shape)}")
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), *shape)
+
+
+def encode_images(images: np.ndarray) -> pa.Array:
+    """uint8 (n, H, W, C) -> binary Arrow array, one row-major blob per image."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    return pa.array([row.tobytes() for row in flat], pa.binary())
+
+
+class PoolWriter:
+    """Write validated batches as a pool, atomically; use as a context manager.
+
+    ``origin`` names the input (a file or directory) in error messages; ``row_offset``
+    style messages give the row index within that input.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        rows_per_file: int = 50_000,
+        class_names: list[str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise PoolError(f"{self.out_dir} already exists; choose a new directory or pass overwrite")
+        if num_classes < 1:
+            raise PoolError(f"num_classes must be >= 1; got {num_classes}")
+        if rows_per_file < 1:
+            raise PoolError(f"rows_per_file must be >= 1; got {rows_per_file}")
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self.num_classes = int(num_classes)
+        self.rows_per_file = rows_per_file
+        self.class_names = list(class_names or [])
+        self.overwrite = overwrite
+        self._tmp = self.out_dir.with_name(f".{self.out_dir.name}.partial")
+        self._seen_ids: list[tuple[np.ndarray, str, int]] = []
+        self._sources: dict[str, int] = {}
+        self._files: list[str] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._rows = 0
+
+    def __enter__(self) -> PoolWriter:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:
+            self._finish()
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+
+    def add(self, ids, images, labels, sources, *, origin: str = "input", first_row: int = 0) -> None:
+        """Validate and buffer one batch; rows are numbered from ``first_row`` in ``origin``."""
+        ids = np.asarray(ids)
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        n = len(ids)
+        where = f"{origin}"
+        if images.dtype != np.uint8:
+            raise PoolError(f"{where}: images must be uint8; got {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != self.image_shape:
+            got = list(images.shape[1:]) if images.ndim == 4 else list(images.shape)
+            raise PoolError(f"{where}: images must have shape (n, {', '.join(map(str, self.image_shape))}); got {got}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise PoolError(f"{where}: ids must be integers; got {ids.dtype}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise PoolError(f"{where}: labels must be integers; got {labels.dtype}")
+        if len(images) != n or len(labels) != n or (not isinstance(sources, str) and len(sources) != n):
+            raise PoolError(f"{where}: ids, images, labels and sources must have the same length")
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            raise PoolError(
+                f"{where}, row {first_row + int(bad[0])}: label {int(labels[bad[0]])} is out of range "
+                f"[0, {self.num_classes - 1}] ({bad.size} such row(s))"
+            )
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = int(uniq[counts > 1][0])
+            raise PoolError(f"{where}, row {first_row + int(np.flatnonzero(ids == dup)[1])}: duplicate id {dup}")
+        self._seen_ids.append((ids.astype(np.int64), origin, first_row))
+        src = np.full(n, sources, dtype=object) if isinstance(sources, str) else np.asarray(sources, dtype=object)
+        for name, count in zip(*np.unique(src.astype(str), return_counts=True)):
+            self._sources[str(name)] = self._sources.get(str(name), 0) + int(count)
+        table = pa.table(
+            {"id": pa.array(ids, pa.int64()), "image": encode_images(images),
+             "label": pa.array(labels, pa.int64()), "source": pa.array(src.tolist(), pa.string())},
+            schema=SCHEMA,
+        )
+        self._pending.append(table)
+        self._pending_rows += n
+        while self._pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._pending)
+        head, rest = table.slice(0, rows), table.slice(rows)
+        name = f"part-{len(self._files):05d}.parquet"
+        meta = {b"rayprune.image_shape": json.dumps(list(self.image_shape)).encode()}
+        pq.write_table(head.replace_schema_metadata(meta), self._tmp / name)
+        self._files.append(name)
+        self._rows += head.num_rows
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def _check_ids_unique_across_batches(self) -> None:
+        """One sort over all ids at the end (O(N log N)); names the second occurrence."""
+        all_ids = np.concatenate([ids for ids, _, _ in self._seen_ids])
+        order = np.argsort(all_ids, kind="stable")
+        repeated = np.flatnonzero(all_ids[order][1:] == all_ids[order][:-1])
+        if repeated.size == 0:
+            return
+        position = int(order[repeated[0] + 1])
+        for ids, origin, first_row in self._seen_ids:
+            if position < len(ids):
+                raise PoolError(f"{origin}, row {first_row + position}: duplicate id {int(ids[position])} (already in the pool)")
+            position -= len(ids)
+
+    def _finish(self) -> None:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        if self._rows == 0:
+            raise PoolError(f"no rows were written to {self.out_dir}: the input is empty")
+        self._check_ids_unique_across_batches()
+        info = PoolInfo(
+            num_rows=self._rows, image_shape=self.image_shape, num_classes=self.num_classes,
+            sources=self._sources, files=self._files, class_names=self.class_names,
+        )
+        data = asdict(info)
+        data["image_shape"] = list(info.image_shape)
+        (self._tmp / POOL_META).write_text(json.dumps(data, indent=2))
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        self._tmp.rename(self.out_dir)
+        logger.info("wrote pool %s: %d rows in %d file(s), sources %s", self.out_dir, self._rows, len(self._files), self._sources)
+
+
+def write_demo_pool(spec, out_dir: str | Path, *, rows_per_file: int = 50_000, overwrite: bool = False) -> PoolInfo:
+    """Generate the demo pool block by block straight into the pool format."""
+    from rayprune.data.demo_pool import BLOCK_ROWS, generate_rows
+
+    shape = (spec.image_size, spec.image_size, 3)
+    with PoolWriter(out_dir, image_shape=shape, num_classes=spec.num_classes,
+                    rows_per_file=rows_per_file, overwrite=overwrite) as writer:
+        step = BLOCK_ROWS * 8
+        for start in range(0, spec.n_rows, step):
+            rows = generate_rows(spec, start, min(step, spec.n_rows - start))
+            writer.add(rows.ids, rows.images, rows.labels, rows.sources, origin="demo pool", first_row=start)
+    return read_pool_info(out_dir)

@@ -1,0 +1,130 @@
+"""Stages ``pool`` and ``split``: make or check the pool, draw the scored subset.
+
+The split reads only the ``id`` and ``source`` columns on the driver; the subset's rows
+are copied out of the pool by Ray Data, so images never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from rayprune.config import JobConfig, to_dict
+from rayprune.data.pool import POOL_META, PoolError, PoolInfo, pool_files, read_pool_info, write_demo_pool
+from rayprune.scoring.select import draw_subset
+from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """A checked pool: where it is, what it holds, and a digest of its content facts."""
+
+    path: Path
+    info: PoolInfo
+    files: list[str]
+    digest: str
+
+
+def run_pool(config: JobConfig, root: Path) -> PoolRef:
+    """Use the pool at ``pool.path``, or generate the demo pool once into ``<root>/pool``."""
+    if config.pool.path:
+        path = Path(config.pool.path).resolve()
+        info = read_pool_info(path)
+        files = pool_files(path, info)
+        facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
+        return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+    stage = Stage("pool", root, digest("demo", to_dict(config.pool.demo)))
+    data = stage.dir / "data"
+    if stage.committed() is None:
+        stage.begin()
+        spec = config.pool.demo
+        logger.info("generating the demo pool (%d real + %d synthetic rows)", spec.n_real, spec.n_synthetic)
+        write_demo_pool(spec, data, rows_per_file=max(256, math.ceil(spec.n_rows / 16)), overwrite=True)
+        stage.commit({"path": str(data)})
+    info = read_pool_info(data)
+    return PoolRef(data, info, pool_files(data, info), stage.input_digest)
+
+
+def read_ids_and_sources(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's ``id`` and ``source`` columns, sorted by id (no images read)."""
+    table = pads.dataset(files, format="parquet").to_table(columns=["id", "source"])
+    ids = table["id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    sources = np.asarray(table["source"].to_pylist(), dtype=object)[order]
+    return ids[order], sources
+
+
+def filter_by_ids(table: pa.Table, keep_ids: pa.Array) -> pa.Table:
+    """Rows of ``table`` whose id is in ``keep_ids`` (schema and bytes unchanged)."""
+    return table.filter(pc.is_in(table["id"], value_set=keep_ids))
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    subset_dir: Path
+    subset_ids: np.ndarray
+    n_pool: int
+    n_prunable: int
+    n_real: int
+    digest: str
+
+
+def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
+    """Draw the subset of the prunable pool and copy its rows to ``split/subset``."""
+    unknown = sorted(set(config.pool.prunable_sources) - set(pool.info.sources))
+    if unknown:
+        raise PoolError(
+            f"pool.prunable_sources names {', '.join(unknown)}, which the pool at {pool.path} does not have; "
+            f"its sources are {', '.join(sorted(pool.info.sources))}"
+        )
+    stage = Stage("split", root, digest(pool.digest, to_dict(config.split), list(config.pool.prunable_sources)))
+    subset_dir = stage.dir / "subset"
+    record = stage.committed()
+    if record is None:
+        stage.begin()
+        ids, sources = read_ids_and_sources(pool.files)
+        prunable = np.isin(sources, list(config.pool.prunable_sources))
+        positions = draw_subset(len(ids), config.split.subset_fraction, config.split.seed, eligible=prunable)
+        subset_ids = ids[positions]
+        pq.write_table(pa.table({"id": subset_ids}), stage.dir / "subset_ids.parquet")
+        tmp = fresh_dir(stage.dir / ".subset.partial")
+        keep = ray.put(subset_ids)
+        (
+            ray.data.read_parquet(pool.files)
+            .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [keep]}, batch_format="pyarrow",
+                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+            .write_parquet(str(tmp))
+        )
+        written = pads.dataset(str(tmp), format="parquet").count_rows()
+        if written != len(subset_ids):
+            raise RuntimeError(f"split: wrote {written} subset rows, expected {len(subset_ids)}")
+        swap_in(tmp, subset_dir)
+        record = stage.commit({
+            "n_pool": int(len(ids)), "n_prunable": int(prunable.sum()), "n_subset": int(len(subset_ids)),
+            "n_real": int((~prunable).sum()),
+        })
+    subset_ids = pq.read_table(stage.dir / "subset_ids.parquet")["id"].to_numpy()
+    out = record["outputs"]
+    return SplitResult(subset_dir, subset_ids, out["n_pool"], out["n_prunable"], out["n_real"], stage.input_digest)
+
+
+class FilterIds:
+    """Ray Data actor: keep rows whose id is in a broadcast id array."""
+
+    def __init__(self, keep_ref: list) -> None:
+        # The ref arrives wrapped in a list so Ray hands it over unresolved; get it once.
+        self.keep = pa.array(ray.get(keep_ref[0]), pa.int64())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return filter_by_ids(table, self.keep)

@@ -1,0 +1,111 @@
+"""Connect to Ray and size training workers and actor pools from the cluster.
+
+Sizing rule: something must always be left for Ray Data's read and write tasks, or an
+actor pool that takes every CPU starves them and the job hangs (seen on 2-CPU machines).
+So a quarter of the CPUs (at least one, since each of those tasks asks for a whole CPU;
+at most four) stays free, and on small machines actors get fractional CPUs instead of
+one each (their torch thread counts are set separately).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+
+from rayprune.config import RayConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How many workers/actors each stage uses and what each one asks Ray for."""
+
+    total_cpus: float
+    total_gpus: float
+    train_workers: int
+    train_use_gpu: bool
+    train_cpus_per_worker: float
+    embed_actors: int
+    embed_cpus_per_actor: float
+    embed_gpus_per_actor: float
+    extrapolate_actors: int
+    extrapolate_cpus_per_actor: float
+    io_cpus: float
+
+    @staticmethod
+    def threads(cpus: float) -> int:
+        """Torch threads for a worker holding ``cpus`` (Ray sets OMP threads to 1 for fractions)."""
+        return max(1, math.ceil(cpus))
+
+
+def connect(config: RayConfig) -> None:
+    """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        logger.info("starting a local Ray instance")
+        # Local mode: the dashboard (which also serves the state API Ray Train polls)
+        # binds to loopback only.
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def _max_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def plan_resources(config: RayConfig) -> ResourcePlan:
+    """Size everything from ``ray.cluster_resources()`` and the explicit settings."""
+    res = ray.cluster_resources()
+    plan = plan_from_resources(config, float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)), _max_node_cpus())
+    logger.info("resource plan: %s", plan)
+    return plan
+
+
+def plan_from_resources(config: RayConfig, cpus: float, gpus: float, max_node_cpus: float) -> ResourcePlan:
+    """The sizing rule as a pure function of the cluster's totals (see module docstring)."""
+    if cpus <= 0:
+        raise RuntimeError("the Ray cluster reports no CPUs; cannot schedule the job")
+    # Ray Data's list/read/write tasks each ask for one whole CPU: keep at least one free.
+    io = min(max(1.0, 0.25 * cpus), 4.0)
+    budget = max(0.5, cpus - io)
+    use_gpu = {"auto": gpus >= 1, "true": True, "false": False}[config.use_gpu]
+    if use_gpu and gpus < 1:
+        raise RuntimeError("ray.use_gpu=true but the cluster has no GPU")
+
+    if config.train_workers:
+        workers = config.train_workers
+    else:
+        workers = int(gpus) if use_gpu else 1
+    # Training runs alone (no Ray Data tasks beside it), so its workers share every CPU,
+    # up to one node's worth each.
+    per_worker = min(max_node_cpus or cpus, cpus / workers)
+    per_worker = max(0.25, per_worker if per_worker < 1 else float(int(per_worker)))
+
+    embed_budget, extrap_budget = budget * 2 / 3, budget / 3
+    embed_actors = config.embed_actors or (int(gpus) if use_gpu else max(1, int(embed_budget)))
+    extrap_actors = config.extrapolate_actors or max(1, int(extrap_budget))
+    embed_cpus = max(0.25, min(1.0, embed_budget / embed_actors)) if not use_gpu else 1.0
+    extrap_cpus = max(0.25, min(1.0, extrap_budget / extrap_actors))
+    plan = ResourcePlan(
+        total_cpus=cpus,
+        total_gpus=gpus,
+        train_workers=workers,
+        train_use_gpu=use_gpu,
+        train_cpus_per_worker=per_worker,
+        embed_actors=embed_actors,
+        embed_cpus_per_actor=embed_cpus,
+        embed_gpus_per_actor=1.0 if use_gpu else 0.0,
+        extrapolate_actors=extrap_actors,
+        extrapolate_cpus_per_actor=extrap_cpus,
+        io_cpus=io,
+    )
+    return plan

@@ -1,0 +1,51 @@
+"""`ray job submit -- python jobs/prune.py ...` against a real local Ray head."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_job_flags
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_ENV = json.dumps({"excludes": [".venv", ".git", "outputs", "mlruns", "mlflow.db"]})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submit_runs_the_job_on_a_ray_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    ray_cli = str(bin_dir / "ray")
+    dashboard = free_port()
+    start = [
+        ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
+        f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
+    ]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    out = tmp_path / "job-out"
+    try:
+        submit = [
+            ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
+            "--runtime-env-json", RUNTIME_ENV, "--",
+            "python", "jobs/prune.py", *tiny_job_flags(), "--output-dir", str(out),
+        ]
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr)
+    assert "rayprune summary" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["pool_size"] == 600
+    assert manifest["summary"]["scored"] == 90

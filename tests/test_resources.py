@@ -1,0 +1,42 @@
+"""Resource sizing: never starve Ray Data's tasks, use what a big cluster offers."""
+
+import pytest
+
+from rayprune.config import RayConfig
+from rayprune.stages.resources import ResourcePlan, plan_from_resources
+
+
+def actor_cpus(plan: ResourcePlan) -> float:
+    return plan.embed_actors * plan.embed_cpus_per_actor + plan.extrapolate_actors * plan.extrapolate_cpus_per_actor
+
+
+@pytest.mark.parametrize("cpus, node_cpus", [(2, 2), (4, 4), (5, 2), (16, 16), (64, 16), (256, 32)])
+def test_actor_pools_leave_a_whole_cpu_for_read_and_write_tasks(cpus, node_cpus):
+    plan = plan_from_resources(RayConfig(), cpus, 0, node_cpus)
+    assert cpus - actor_cpus(plan) >= 1.0
+    assert plan.embed_actors >= 1 and plan.extrapolate_actors >= 1
+    assert plan.train_cpus_per_worker <= node_cpus  # a worker fits on one node
+
+
+def test_two_cpu_laptop_plan():
+    plan = plan_from_resources(RayConfig(), 2, 0, 2)
+    assert (plan.train_workers, plan.train_cpus_per_worker, plan.train_use_gpu) == (1, 2.0, False)
+    assert (plan.embed_actors, plan.extrapolate_actors) == (1, 1)
+    assert plan.embed_cpus_per_actor + plan.extrapolate_cpus_per_actor <= 1.0
+
+
+def test_big_cluster_scales_out_and_uses_gpus():
+    plan = plan_from_resources(RayConfig(), 64, 8, 16)
+    assert plan.train_workers == 8 and plan.train_use_gpu
+    assert plan.embed_actors == 8 and plan.embed_gpus_per_actor == 1.0
+    cpu_only = plan_from_resources(RayConfig(use_gpu="false"), 64, 8, 16)
+    assert cpu_only.embed_actors == 40 and not cpu_only.train_use_gpu  # 2/3 of 60 CPUs
+
+
+def test_explicit_settings_win_and_errors_are_clear():
+    plan = plan_from_resources(RayConfig(train_workers=3, embed_actors=5, extrapolate_actors=2), 32, 0, 8)
+    assert (plan.train_workers, plan.embed_actors, plan.extrapolate_actors) == (3, 5, 2)
+    with pytest.raises(RuntimeError, match="use_gpu=true but the cluster has no GPU"):
+        plan_from_resources(RayConfig(use_gpu="true"), 8, 0, 8)
+    with pytest.raises(RuntimeError, match="no CPUs"):
+        plan_from_resources(RayConfig(), 0, 0, 0)
