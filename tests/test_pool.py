@@ -1,0 +1,113 @@
+"""The pool format: writer validation, atomic output, and reading back."""
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
+from rayprune.data.pool import (
+    PoolError,
+    PoolWriter,
+    decode_images,
+    encode_images,
+    pool_files,
+    read_pool_info,
+    write_demo_pool,
+)
+
+
+def images(n, shape=(4, 5, 3), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def test_encode_decode_round_trip_is_row_major_hwc():
+    x = images(7)
+    column = encode_images(x)
+    assert column[2].as_py() == bytes(x[2].reshape(-1))  # row-major H, W, C
+    np.testing.assert_array_equal(decode_images(column, (4, 5, 3)), x)
+    with pytest.raises(PoolError, match="row 0 of the batch: image has 60 bytes; expected 61"):
+        decode_images(column, (61, 1, 1))
+
+
+def test_writer_splits_files_and_records_metadata(tmp_path):
+    out = tmp_path / "pool"
+    x = images(25)
+    with PoolWriter(out, image_shape=(4, 5, 3), num_classes=4, rows_per_file=10) as w:
+        w.add(np.arange(15), x[:15], np.arange(15) % 4, "real")
+        w.add(np.arange(15, 25), x[15:], np.arange(10) % 4, ["synthetic"] * 10)
+    info = read_pool_info(out)
+    assert (info.num_rows, info.image_shape, info.num_classes) == (25, (4, 5, 3), 4)
+    assert info.sources == {"real": 15, "synthetic": 10} and len(info.files) == 3
+    table = pads.dataset(pool_files(out), format="parquet").to_table().sort_by("id")
+    np.testing.assert_array_equal(decode_images(table["image"], info.image_shape), x)
+    assert json.loads((out / "pool.json").read_text())["image_shape"] == [4, 5, 3]
+
+
+@pytest.mark.parametrize(
+    "ids, imgs, labels, message",
+    [
+        (np.arange(3), images(3).astype(np.float32), np.zeros(3, int), r"src\.npz: images must be uint8; got float32"),
+        (np.arange(3), images(3, (5, 4, 3)), np.zeros(3, int), r"images must have shape \(n, 4, 5, 3\); got \[5, 4, 3\]"),
+        (np.arange(3), images(3), np.array([0, 4, 1]), r"src\.npz, row 11: label 4 is out of range \[0, 3\]"),
+        (np.arange(3), images(3), np.array([0, -1, 1]), r"src\.npz, row 11: label -1 is out of range"),
+        (np.array([1, 2, 1]), images(3), np.zeros(3, int), r"src\.npz, row 12: duplicate id 1"),
+    ],
+)
+def test_writer_rejects_bad_batches_naming_origin_and_row(tmp_path, ids, imgs, labels, message):
+    out = tmp_path / "pool"
+    with pytest.raises(PoolError, match=message):
+        with PoolWriter(out, image_shape=(4, 5, 3), num_classes=4) as w:
+            w.add(ids, imgs, labels, "real", origin="src.npz", first_row=10)
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing partial left
+
+
+def test_duplicate_ids_across_batches_name_the_second_occurrence(tmp_path):
+    out = tmp_path / "pool"
+    with pytest.raises(PoolError, match=r"b\.npz, row 2: duplicate id 7 \(already in the pool\)"):
+        with PoolWriter(out, image_shape=(4, 5, 3), num_classes=2, rows_per_file=2) as w:
+            w.add(np.arange(5, 10), images(5), np.zeros(5, int), "real", origin="a.npz")
+            w.add(np.array([20, 21, 7]), images(3), np.zeros(3, int), "real", origin="b.npz")
+    assert not list(tmp_path.iterdir())
+
+
+def test_empty_input_and_existing_output_are_errors(tmp_path):
+    with pytest.raises(PoolError, match="the input is empty"):
+        with PoolWriter(tmp_path / "empty", image_shape=(4, 5, 3), num_classes=2):
+            pass
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(PoolError, match="taken already exists"):
+        PoolWriter(tmp_path / "taken", image_shape=(4, 5, 3), num_classes=2)
+
+
+def test_read_pool_info_errors(tmp_path):
+    with pytest.raises(PoolError, match="pool.json is missing"):
+        read_pool_info(tmp_path)
+    (tmp_path / "pool.json").write_text("{not json")
+    with pytest.raises(PoolError, match="pool.json is unreadable"):
+        read_pool_info(tmp_path)
+    meta = {"num_rows": 3, "image_shape": [4, 5, 3], "num_classes": 2, "sources": {"real": 3},
+            "files": ["../../etc/passwd"]}
+    (tmp_path / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolError, match="plain names inside the pool"):
+        read_pool_info(tmp_path)
+    meta["files"] = ["part-00000.parquet"]
+    (tmp_path / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolError, match="missing file"):
+        pool_files(tmp_path)
+    meta["num_rows"] = 0
+    (tmp_path / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolError, match="the pool is empty"):
+        read_pool_info(tmp_path)
+
+
+def test_demo_pool_written_equals_generated_rows(tmp_path):
+    spec = DemoPoolSpec(n_real=100, n_synthetic=1200, image_size=8, num_classes=3)
+    info = write_demo_pool(spec, tmp_path / "demo", rows_per_file=500)
+    assert info.sources == {"real": 100, "synthetic": 1200} and len(info.files) == 3
+    table = pads.dataset(pool_files(tmp_path / "demo"), format="parquet").to_table().sort_by("id")
+    rows = generate_rows(spec)
+    np.testing.assert_array_equal(decode_images(table["image"], (8, 8, 3)), rows.images)
+    np.testing.assert_array_equal(table["label"].to_numpy(), rows.labels)
+    assert table["source"].to_pylist() == list(rows.sources)
