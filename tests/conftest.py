@@ -32,6 +32,12 @@ def tiny_job_flags() -> list[str]:
     return [arg for key, value in TINY_JOB.items() for arg in (f"--{key}", str(value))]
 
 
-@pytest.fixture
-def tiny_job():
-    return dict(TINY_JOB)
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and threads slow badly when cores are busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -43,7 +43,7 @@ def reference_frequency(history):
 def history():
     rng = np.random.default_rng(0)
     # A mix of steady, slowly-learnt and oscillating samples, probabilities in [0, 1].
-    epochs, samples = 17, 40
+    epochs = 17
     t = np.arange(epochs)[:, None]
     steady = np.full((epochs, 10), 0.9) + rng.normal(0, 0.01, (epochs, 10))
     learnt = 1 / (1 + np.exp(-(t - rng.uniform(2, 14, 10)) / 1.5))

@@ -94,6 +94,13 @@ def read_pool_info(path: str | Path) -> PoolInfo:
     return info
 
 
+def write_pool_info(path: str | Path, info: PoolInfo) -> None:
+    """Write ``pool.json`` for the pool files in ``path`` (the last step of making a pool)."""
+    data = asdict(info)
+    data["image_shape"] = list(info.image_shape)
+    (Path(path) / POOL_META).write_text(json.dumps(data, indent=2))
+
+
 def pool_files(path: str | Path, info: PoolInfo | None = None) -> list[str]:
     """Absolute paths of the pool's Parquet files, checked to exist."""
     info = info or read_pool_info(path)
@@ -250,9 +257,7 @@ class PoolWriter:
             num_rows=self._rows, image_shape=self.image_shape, num_classes=self.num_classes,
             sources=self._sources, files=self._files, class_names=self.class_names,
         )
-        data = asdict(info)
-        data["image_shape"] = list(info.image_shape)
-        (self._tmp / POOL_META).write_text(json.dumps(data, indent=2))
+        write_pool_info(self._tmp, info)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self._tmp.rename(self.out_dir)

@@ -7,9 +7,8 @@ pool format as the input (so it can be pruned again or trained on directly).
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from rayprune.config import JobConfig, to_dict
-from rayprune.data.pool import POOL_META, PoolInfo
+from rayprune.data.pool import PoolInfo, write_pool_info
 from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.scoring.select import select_by_score, select_random
 from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
@@ -95,9 +94,7 @@ def run_select(config: JobConfig, pool: PoolRef, extrap: ExtrapolateResult, root
             num_rows=written, image_shape=pool.info.image_shape, num_classes=pool.info.num_classes,
             sources=per_source, files=files, class_names=pool.info.class_names,
         )
-        meta = asdict(info)
-        meta["image_shape"] = list(info.image_shape)
-        (tmp / POOL_META).write_text(json.dumps(meta, indent=2))
+        write_pool_info(tmp, info)
         swap_in(tmp, pruned)
         record = stage.commit({"kept": int(len(kept_ids)), "kept_per_source": per_source})
     out = record["outputs"]
