@@ -63,11 +63,22 @@ def format_summary(summary) -> str:
         f"  scored           {summary.scored}",
         f"  extrapolated     {summary.extrapolated}",
         f"  kept             {summary.kept}  {summary.kept_per_source}",
-        f"  training steps   {summary.training_steps} (sample-gradient steps {summary.sample_gradient_steps})",
+        f"  scoring run      {summary.training_steps} optimiser steps",
         f"  embedded on      {len(summary.embedded_rows_per_node)} node(s): "
         + ", ".join(f"{node[:8]}={rows}" for node, rows in summary.embedded_rows_per_node.items()),
-        "  stage wall time (s):",
     ]
+    if summary.robust_metrics:
+        m = summary.robust_metrics
+        lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, {summary.final_training_steps} steps; "
+                     f"test ({int(m.get('n', 0))} samples): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n"))
+    if summary.random_baseline_metrics:
+        lines.append("  random pruning   " + ", ".join(
+            f"{k} {v:.3f}" for k, v in summary.random_baseline_metrics.items() if k != "n"))
+    if summary.compute:
+        lines.append("  compute (sample-gradient steps)   spent / whole pool")
+        lines += [f"    {name:<18} {c['spent']:>14,} / {c['whole_pool']:,}" for name, c in summary.compute.items()]
+    lines.append("  stage wall time (s):")
     lines += [f"    {stage:<14} {seconds:8.1f}" for stage, seconds in summary.stage_seconds.items()]
     lines.append(f"  outputs          {summary.output_dir}")
     lines += [f"    {name:<18} {path}" for name, path in summary.outputs.items()]

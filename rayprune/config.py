@@ -193,6 +193,80 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+class FinalConfig:
+    """The robust model: adversarial training on the pruned pool (skip with enabled=false).
+
+    ``train`` is the same recipe as the scoring run's; its ``steps_per_epoch`` = 0 here
+    means one pass over the *pruned* pool per epoch, so pruning saves compute in
+    proportion. ``synthetic_fraction`` of each batch comes from the prunable sources
+    (the paper uses 0.8); -1 samples uniformly from the pruned pool. ``val_size`` real
+    samples (the lowest ids) are held out for validation and early stopping on the EMA
+    model's robust accuracy (PGD-``val_attack_steps`` with the CW loss).
+    ``compare_random``: also train on a random pruning of the same size and budget.
+    """
+
+    enabled: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+    synthetic_fraction: float = 0.8
+    ema_decay: float = 0.995
+    val_size: int = 256
+    val_attack_steps: int = 10
+    early_stop_patience: int = 0
+    compare_random: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.synthetic_fraction == -1 or 0.0 <= self.synthetic_fraction <= 1.0):
+            raise ConfigError(f"final.synthetic_fraction must be in [0, 1] or -1 (no mixing); got {self.synthetic_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"final.ema_decay must be in [0, 1); got {self.ema_decay}")
+        for name in ("val_size", "val_attack_steps", "early_stop_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"final.{name} must be >= 0; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Robust evaluation of the final model on a held-out test pool.
+
+    ``test_pool``: a pool directory (e.g. CIFAR-10's test batch converted with
+    ``rayprune-convert --cifar10-split test``); empty = a demo test split of
+    ``demo_test_size`` clean samples drawn like the demo pool's real part. Attacks use
+    the job's threat model (``attack.norm``, ``attack.eps``). The defaults are a
+    reduced evaluation that fits the CPU demo (500 samples, APGD 25 steps, 3 target
+    classes); the CIFAR-10 presets use AutoAttack's standard APGD-CE and APGD-T settings
+    (100 steps, 9 target classes). FAB-T and Square are not run, so "worst" is an upper
+    bound on full AutoAttack robust accuracy.
+    """
+
+    test_pool: str = ""
+    demo_test_size: int = 500
+    attacks: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t")
+    pgd_steps: int = 10
+    apgd_steps: int = 25
+    apgd_targets: int = 3
+    actors: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("demo_test_size", "pgd_steps", "apgd_steps", "apgd_targets", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluation.{name} must be >= 1; got {getattr(self, name)}")
+        if self.actors < 0:
+            raise ConfigError(f"evaluation.actors must be >= 0 (0 = size from the cluster); got {self.actors}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: empty ``uri`` = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "rayprune"
+    registered_model: str = "rayprune-robust"
+    strict: bool = False
+
+
+@dataclass(frozen=True)
 class JobConfig:
     output_dir: str = "outputs/demo"
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -203,6 +277,9 @@ class JobConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     extrapolation: ExtrapolationSettings = field(default_factory=ExtrapolationSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

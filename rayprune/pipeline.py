@@ -1,6 +1,7 @@
 """Run the stages in order, skip finished ones, write the manifest, return the summary.
 
-    pool -> split -> score_subset -> extrapolate -> select
+    pool -> split -> score_subset -> extrapolate -> select -> final_train -> evaluate
+                                          (optionally random_baseline -> final_train_random -> evaluate_random)
 
 Everything lives under ``output_dir``; ``manifest.json`` there is written last.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rayprune.config import JobConfig, to_dict
-from rayprune.stages.common import write_json_atomic
+from rayprune.stages.common import digest, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,12 @@ class RunSummary:
     kept: int = 0
     kept_per_source: dict[str, int] = field(default_factory=dict)
     training_steps: int = 0
-    sample_gradient_steps: int = 0
-    recorded_samples: int = 0
+    final_training_steps: int = 0
+    final_best_epoch: int = -1
+    robust_metrics: dict[str, float] = field(default_factory=dict)
+    random_baseline_metrics: dict[str, float] = field(default_factory=dict)
+    registered_version: int | None = None
+    compute: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     embedded_rows_per_node: dict[str, int] = field(default_factory=dict)
     output_dir: str = ""
@@ -39,38 +45,120 @@ class RunSummary:
 
 
 @contextmanager
-def _timed(summary: RunSummary, stage: str):
+def _stage(summary: RunSummary, tracker, stage: str):
+    """Time a stage for the summary and give it a nested MLflow run; yields the run id."""
     start = time.perf_counter()
     logger.info("stage %s ...", stage)
-    yield
+    with tracker.stage(stage) as run_id:
+        yield run_id
     summary.stage_seconds[stage] = round(time.perf_counter() - start, 2)
     logger.info("stage %s finished in %.1f s", stage, summary.stage_seconds[stage])
 
 
+def compute_budget(config: JobConfig, scoring_steps: int, n_prunable: int, n_subset: int, n_pool_train: int,
+                   final_steps: int) -> dict[str, dict[str, int]]:
+    """Sample-gradient steps (forward+backward passes per sample) spent vs whole-pool runs.
+
+    An attack of k steps costs k+1 passes per training sample; a recording pass costs k
+    attack steps plus two forward passes per sample. "whole_pool" is the same recipe
+    without extrapolation (every prunable sample recorded every epoch) and without
+    pruning (one pass over the unpruned pool per final epoch, unless steps are fixed).
+    """
+    k = config.attack.steps
+    scoring_train = scoring_steps * config.train.batch_size * (k + 1)
+    recording = config.train.epochs * (k + 2)
+    ft = config.final.train
+    final_full = ft.epochs * (ft.steps_per_epoch or math.ceil(n_pool_train / ft.batch_size)) * ft.batch_size * (k + 1)
+    return {
+        "scoring_training": {"spent": scoring_train, "whole_pool": scoring_train},
+        "scoring_recording": {"spent": recording * n_subset, "whole_pool": recording * n_prunable},
+        "final_training": {"spent": final_steps * ft.batch_size * (k + 1),
+                           "whole_pool": final_full if config.final.enabled else 0},
+    }
+
+
 def run_pipeline(config: JobConfig) -> RunSummary:
     """Run the whole job on the Ray cluster the config points at (or a local one)."""
-    from rayprune.stages.extrapolate import run_extrapolate
-    from rayprune.stages.prepare import run_pool, run_split
-    from rayprune.stages.resources import connect, plan_resources
-    from rayprune.stages.score import run_score
-    from rayprune.stages.select import run_select
+    from rayprune.job_tracking import make_tracker
 
     root = Path(config.output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").unlink(missing_ok=True)
+    tracker = make_tracker(config)
+    tracker.start_job(root.name, params=to_dict(config), tags={"output_dir": str(root)})
+    try:
+        summary = _run_stages(config, root, tracker)
+    except BaseException:
+        tracker.end_job("FAILED")
+        raise
+    tracker.end_job("FINISHED")
+    return summary
+
+
+def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
+    from rayprune import job_tracking as jt
+    from rayprune.stages.evaluate import run_evaluate
+    from rayprune.stages.extrapolate import run_extrapolate
+    from rayprune.stages.final import run_final, write_random_pool
+    from rayprune.stages.prepare import run_pool, run_split, run_test_pool
+    from rayprune.stages.resources import connect, plan_resources
+    from rayprune.stages.score import run_score
+    from rayprune.stages.select import run_select
+
     summary = RunSummary(output_dir=str(root))
     connect(config.ray)
     plan = plan_resources(config.ray)
-    with _timed(summary, "pool"):
+    with _stage(summary, tracker, "pool"):
         pool = run_pool(config, root)
-    with _timed(summary, "split"):
+        jt.log_pool_dataset(tracker, "pool", pool.info, pool.digest, pool.path, "pool")
+    with _stage(summary, tracker, "split"):
         split = run_split(config, pool, root)
-    with _timed(summary, "score_subset"):
+        tracker.log_dataset("scored subset", digest=split.digest, source=str(split.subset_dir), context="scoring",
+                            num_rows=len(split.subset_ids), schema=jt.POOL_SCHEMA)
+    with _stage(summary, tracker, "score_subset") as scoring_run_id:
         score = run_score(config, pool, split, root, plan)
-    with _timed(summary, "extrapolate"):
+        jt.log_history(tracker, score.history, ("loss", "lr", "clean_acc", "adv_acc"))
+    with _stage(summary, tracker, "extrapolate"):
         extrap = run_extrapolate(config, pool, split, score, root, plan)
-    with _timed(summary, "select"):
+        jt.log_scores(tracker, extrap.scores_dir)
+    with _stage(summary, tracker, "select"):
         selected = run_select(config, pool, extrap, root)
+        from rayprune.data.pool import read_pool_info
+
+        jt.log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
+                            selected.pruned_pool, "training")
+        jt.log_selection(tracker, selected.kept_file, extrap.scores_dir)
+
+    final = evaluation = None
+    if config.final.enabled:
+        with _stage(summary, tracker, "final_train"):
+            final = run_final(config, pool, selected.pruned_pool, selected.digest, root, plan)
+            jt.log_final(tracker, final.history)
+        with _stage(summary, tracker, "evaluate"):
+            test = run_test_pool(config, root)
+            evaluation = run_evaluate(config, test, final.model_file, final.digest, root, plan)
+            jt.log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
+            tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+        with _stage(summary, tracker, "register"):
+            registration = jt.register_final_model(
+                tracker, config, final.model_file, pool.info.num_classes, pool.info.image_shape, evaluation.metrics,
+                tags={"model_digest": final.digest, "pruned_dataset_digest": selected.digest,
+                      "scoring_run_id": scoring_run_id or "",
+                      "config_digest": digest(to_dict(config)), "output_dir": str(root)},
+            )
+        summary.final_training_steps = final.training_steps
+        summary.final_best_epoch = final.best_epoch
+        summary.robust_metrics = evaluation.metrics
+        summary.registered_version = registration.version if registration else None
+        summary.outputs.update(final_model=str(final.model_file), evaluation=str(evaluation.per_sample_file))
+        if config.final.compare_random:
+            with _stage(summary, tracker, "random_baseline"):
+                random_pool, random_digest = write_random_pool(config, pool, selected.kept, root)
+                random_final = run_final(config, pool, random_pool, random_digest, root, plan, name="final_train_random")
+                random_eval = run_evaluate(config, test, random_final.model_file, random_final.digest, root, plan,
+                                           name="evaluate_random")
+                tracker.log_metrics({f"test_{k}": v for k, v in random_eval.metrics.items()})
+            summary.random_baseline_metrics = random_eval.metrics
 
     summary.pool_size = pool.info.num_rows
     summary.scored = len(split.subset_ids)
@@ -78,10 +166,12 @@ def run_pipeline(config: JobConfig) -> RunSummary:
     summary.kept = selected.kept
     summary.kept_per_source = selected.kept_per_source
     summary.training_steps = score.training_steps
-    summary.sample_gradient_steps = score.sample_gradient_steps
-    summary.recorded_samples = score.recording_passes
+    summary.compute = compute_budget(
+        config, score.training_steps, split.n_prunable, len(split.subset_ids),
+        pool.info.num_rows - (final.n_val if final else 0), final.training_steps if final else 0,
+    )
     summary.embedded_rows_per_node = extrap.rows_per_node
-    summary.outputs = {
+    summary.outputs.update({
         "pool": str(pool.path),
         "scores": str(extrap.scores_dir),
         "subset_embeddings": str(extrap.reference_file),
@@ -89,14 +179,20 @@ def run_pipeline(config: JobConfig) -> RunSummary:
         "subset_model": str(score.model_file),
         "kept_ids": str(selected.kept_file),
         "pruned_pool": str(selected.pruned_pool),
-    }
+    })
     manifest = {
         "summary": asdict(summary),
         "config": to_dict(config),
         "resources": asdict(plan),
         "digests": {"pool": pool.digest, "split": split.digest, "score": score.digest,
                     "extrapolate": extrap.digest, "select": selected.digest},
+        "final_history": final.history if final else [],
         "stages": {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/_COMMITTED.json"))},
     }
     write_json_atomic(root / "manifest.json", manifest)
+    tracker.log_metrics({"pool_size": summary.pool_size, "scored": summary.scored, "kept": summary.kept,
+                         **{f"sample_gradient_steps_{k}": v["spent"] for k, v in summary.compute.items()},
+                         **{f"sample_gradient_steps_{k}_whole_pool": v["whole_pool"] for k, v in summary.compute.items()},
+                         **{f"stage_seconds_{k}": v for k, v in summary.stage_seconds.items()}})
+    tracker.log_artifact(root / "manifest.json")
     return summary

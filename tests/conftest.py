@@ -1,6 +1,13 @@
 """Shared test settings: Ray without token auth on loopback, and the tiny job config."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +31,16 @@ TINY_JOB = {
     "selection.keep_fraction": 0.4,
     "extrapolation.k": 5,
     "ray.inference_batch_size": 128,
+    "final.train.epochs": 2,
+    "final.train.steps_per_epoch": 3,
+    "final.train.batch_size": 32,
+    "final.val_size": 30,
+    "final.val_attack_steps": 2,
+    "evaluation.demo_test_size": 120,
+    "evaluation.pgd_steps": 3,
+    "evaluation.apgd_steps": 5,
+    "evaluation.apgd_targets": 2,
+    "tracking.enabled": "false",
 }
 
 
@@ -41,3 +58,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback; yields (tracking URI, artifact directory)."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "mlflow-server.log"
+    log = log_path.open("wb")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+         "--artifacts-destination", str(tmp_path / "art")],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health within 60 s"
+            time.sleep(0.3)
+        yield uri, tmp_path / "art"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
+        time.sleep(0.5)
+        try:  # uvicorn's worker may outlive the leader for a moment
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()

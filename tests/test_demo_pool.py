@@ -71,3 +71,19 @@ def test_bad_spec_and_range():
         DemoPoolSpec(n_real=0, n_synthetic=0)
     with pytest.raises(ValueError, match="outside the pool"):
         generate_rows(SPEC, SPEC.n_rows - 2, 5)
+
+
+def test_test_split_is_clean_disjoint_and_from_the_same_classes(rows):
+    from rayprune.data.demo_pool import generate_test_rows
+
+    test = generate_test_rows(SPEC, 1200)
+    np.testing.assert_array_equal(test.ids, np.arange(SPEC.n_rows, SPEC.n_rows + 1200))
+    assert (test.labels == test.true_labels).all() and (test.duplicate_of == -1).all()
+    assert (test.sources == "real").all()
+    np.testing.assert_array_equal(generate_test_rows(SPEC, 300).images, test.images[:300])
+    # Same class model as the pool: centroids fit on the pool classify the test split.
+    x = rows.images.reshape(SPEC.n_rows, -1).astype(float)
+    centroids = np.stack([x[rows.true_labels == c].mean(0) for c in range(5)])
+    xt = test.images.reshape(len(test.ids), -1).astype(float)
+    pred = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (pred == test.labels).mean() > 0.5

@@ -2,27 +2,24 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_job_flags
+from conftest import free_port, tiny_job_flags
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_ENV = json.dumps({"excludes": [".venv", ".git", "outputs", "mlruns", "mlflow.db"]})
+EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_job_submit_runs_the_job_on_a_ray_head(tmp_path):
+def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tmp_path, mlflow_server):
+    """The cluster path end to end: ray job submit, MLFLOW_TRACKING_URI via the runtime env."""
+    uri, _ = mlflow_server
+    runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": uri}})
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     ray_cli = str(bin_dir / "ray")
@@ -37,8 +34,8 @@ def test_job_submit_runs_the_job_on_a_ray_head(tmp_path):
     try:
         submit = [
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-            "--runtime-env-json", RUNTIME_ENV, "--",
-            "python", "jobs/prune.py", *tiny_job_flags(), "--output-dir", str(out),
+            "--runtime-env-json", runtime_env, "--",
+            "python", "jobs/prune.py", *tiny_job_flags(), "--tracking.enabled", "true", "--output-dir", str(out),
         ]
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     finally:
@@ -49,3 +46,10 @@ def test_job_submit_runs_the_job_on_a_ray_head(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"]["pool_size"] == 600
     assert manifest["summary"]["scored"] == 90
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("rayprune")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.params["output_dir"] == str(out)
+    assert client.get_registered_model("rayprune-robust").aliases["champion"] in (1, "1")

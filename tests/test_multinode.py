@@ -31,6 +31,7 @@ def test_pool_blocks_are_embedded_on_more_than_one_node(cluster, tmp_path):
         "output_dir": str(tmp_path / "out"),
         "ray.address": cluster.address,
         "ray.embed_actors": 2,
+        "final.enabled": "false",
         "pool.demo.n_synthetic": 1850,  # 2000 rows: 16 blocks of 128 rows to spread
     }
     summary = run_pipeline(load_config(None, overrides))

@@ -15,7 +15,7 @@ from rayprune.data.pool import decode_images, pool_files, read_pool_info
 from rayprune.pipeline import run_pipeline
 from rayprune.robust.training import to_float_images
 from rayprune.scoring import class_quotas, draw_subset
-from rayprune.stages.score import model_from_config
+from rayprune.stages.training import model_from_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "out"
-    config = load_config(None, {**TINY_JOB, "output_dir": str(out)})
+    uri = f"sqlite:///{out.parent / 'mlflow.db'}"
+    config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri})
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
     try:
         summary = run_pipeline(config)
@@ -35,7 +36,7 @@ def job(tmp_path_factory):
     pool = pads.dataset(pool_files(out / "pool" / "data"), format="parquet").to_table().sort_by("id")
     scores = pads.dataset(str(out / "extrapolate" / "scores"), format="parquet").to_table().sort_by("id").to_pandas()
     return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
-            "pool": pool, "scores": scores}
+            "pool": pool, "scores": scores, "uri": uri}
 
 
 def test_scores_table_has_every_pool_id_once(job):
@@ -105,11 +106,89 @@ def test_extrapolated_scores_match_brute_force_from_saved_embeddings(job):
 
 def test_rerun_skips_finished_stages_and_manifest(job):
     marks, marks_after = job["marks"]
-    assert len(marks) == 5 and marks == marks_after  # no stage recommitted
+    assert len(marks) == 8 and marks == marks_after  # no stage recommitted
     assert job["rerun"].kept == job["summary"].kept
     manifest = json.loads((job["out"] / "manifest.json").read_text())
     assert manifest["config"]["train"]["epochs"] == 4
-    assert set(manifest["stages"]) == {"pool", "split", "score_subset", "extrapolate", "select"}
+    assert set(manifest["stages"]) == {"pool", "split", "score_subset", "extrapolate", "select", "final_train",
+                                       "test_pool", "evaluate"}
     assert manifest["summary"]["training_steps"] == 12
     assert sum(manifest["summary"]["embedded_rows_per_node"].values()) == 600
     assert not list(job["out"].glob("*/.*partial"))  # no temporary directories left
+
+
+def test_final_model_and_evaluation(job):
+    """The evaluation's clean accuracy equals a direct computation with the saved model."""
+    summary = job["summary"]
+    metrics = summary.robust_metrics
+    assert metrics["n"] == 120
+    assert set(metrics) >= {"clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t", "worst"}
+    assert metrics["worst"] <= min(metrics[k] for k in ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t"))
+    test_dir = job["out"] / "test_pool" / "data"
+    test = pads.dataset(pool_files(test_dir), format="parquet").to_table().sort_by("id")
+    model = model_from_config(job["config"], 3, 3)
+    model.load_state_dict(torch.load(summary.outputs["final_model"], weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        logits = model(to_float_images(decode_images(test["image"], (8, 8, 3))))
+    clean = (logits.argmax(1).numpy() == test["label"].to_numpy()).mean()
+    assert metrics["clean"] == pytest.approx(clean)
+    per_sample = pq.read_table(summary.outputs["evaluation"]).to_pandas()
+    assert sorted(per_sample.id) == sorted(test["id"].to_pylist())
+    assert summary.final_training_steps == 6  # 2 epochs x 3 steps, the explicit budget
+    manifest = json.loads((job["out"] / "manifest.json").read_text())
+    assert [h["epoch"] for h in manifest["final_history"]] == [0, 1]
+    compute = manifest["summary"]["compute"]
+    assert compute["scoring_recording"]["spent"] < compute["scoring_recording"]["whole_pool"]
+
+
+def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(job["uri"])
+    experiment = client.get_experiment_by_name("rayprune")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2  # the job and its rerun
+    parent = sorted(parents, key=lambda r: r.info.start_time)[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.epochs"] == "4" and parent.data.params["extrapolation.k"] == "5"
+    assert parent.data.metrics["kept"] == job["summary"].kept
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"pool", "split", "score_subset", "extrapolate", "select", "final_train", "evaluate",
+                             "register"}
+    history = client.get_metric_history(children["score_subset"].info.run_id, "adv_acc")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    final_curve = client.get_metric_history(children["final_train"].info.run_id, "val_robust_acc")
+    assert [m.step for m in final_curve] == [0, 1]
+    assert children["evaluate"].data.metrics["test_n"] == 120
+    assert children["evaluate"].data.metrics["test_worst"] == pytest.approx(job["summary"].robust_metrics["worst"])
+    manifest = json.loads((job["out"] / "manifest.json").read_text())
+    datasets = {d.dataset.name: d for r in children.values() for d in r.inputs.dataset_inputs}
+    assert datasets["pool"].dataset.digest == manifest["digests"]["pool"]
+    assert datasets["pruned pool"].dataset.digest == manifest["digests"]["select"]
+    assert "scored subset" in datasets and "test set" in datasets
+    artifacts = {a.path for a in client.list_artifacts(children["select"].info.run_id)}
+    assert {"kept_ids.parquet", "composition_label.png", "composition_source.png"} <= artifacts
+    assert "score_distributions.png" in {a.path for a in client.list_artifacts(children["extrapolate"].info.run_id)}
+
+    versions = client.search_model_versions("name = 'rayprune-robust'")
+    assert len(versions) == 1  # the rerun found its model already registered
+    model = client.get_registered_model("rayprune-robust")
+    assert model.aliases == {"candidate": 1, "champion": 1} or model.aliases == {"candidate": "1", "champion": "1"}
+    tags = versions[0].tags
+    assert tags["pruned_dataset_digest"] == manifest["digests"]["select"]
+    assert tags["scoring_run_id"] == children["score_subset"].info.run_id
+    assert float(tags["robust_accuracy"]) == pytest.approx(job["summary"].robust_metrics["worst"])
+
+    mlflow.set_tracking_uri(job["uri"])
+    try:
+        loaded = mlflow.pytorch.load_model("models:/rayprune-robust@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    test = pads.dataset(pool_files(job["out"] / "test_pool" / "data"), format="parquet").to_table().sort_by("id")
+    with torch.no_grad():
+        logits = loaded.eval()(to_float_images(decode_images(test["image"], (8, 8, 3))))
+    clean = (logits.argmax(1).numpy() == test["label"].to_numpy()).mean()
+    assert clean == pytest.approx(children["evaluate"].data.metrics["test_clean"])

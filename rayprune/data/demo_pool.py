@@ -18,6 +18,7 @@ comes with every block so tests and benchmarks can check what scores find.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,18 +100,29 @@ def _render(spec: DemoPoolSpec, protos: dict, cls: np.ndarray, phase, shift, sca
     return (1 - 0.7 * blob) * grating * 0.8 + 0.7 * blob * protos["blob_rgb"][cls][:, None, None, :]
 
 
-def _block(spec: DemoPoolSpec, protos: dict, block: int) -> DemoRows:
-    """Generate one whole block of rows (deterministic in (seed, block))."""
+TEST_STREAM = 1 << 20  # block seeds of the test split start here (disjoint from the pool's)
+
+
+def _block(spec: DemoPoolSpec, protos: dict, block: int, test: bool = False) -> DemoRows:
+    """Generate one whole block of rows (deterministic in (seed, block)).
+
+    ``test``: a block of the test split: same classes, fresh draws, all clean "real"
+    samples (no label noise, no near-duplicates), ids counting on from the pool's.
+    """
     start = block * BLOCK_ROWS
-    ids = np.arange(start, min(start + BLOCK_ROWS, spec.n_rows), dtype=np.int64)
+    if test:
+        ids = np.arange(start, start + BLOCK_ROWS, dtype=np.int64) + spec.n_rows
+        spec = dataclasses.replace(spec, label_noise=0.0, duplicate_fraction=0.0)
+    else:
+        ids = np.arange(start, min(start + BLOCK_ROWS, spec.n_rows), dtype=np.int64)
     n = len(ids)
-    rng = np.random.default_rng([spec.seed, block])
+    rng = np.random.default_rng([spec.seed, block + (TEST_STREAM if test else 0)])
     c = spec.num_classes
     true = rng.integers(0, c, n)
     other = (true + rng.integers(1, c, n)) % c
     # Most samples easy, a tail of hard ones: Beta(1.2, 4) has mean ~0.23.
     difficulty = rng.beta(1.2, 4.0, n) * 0.95
-    synthetic = ids >= spec.n_real
+    synthetic = (ids >= spec.n_real) if not test else np.zeros(n, dtype=bool)
     phase = rng.uniform(0, 2 * np.pi, n)
     shift = rng.normal(0, spec.image_size / 10, (n, 2))
     scale = rng.uniform(0.7, 1.3, n)
@@ -137,7 +149,7 @@ def _block(spec: DemoPoolSpec, protos: dict, block: int) -> DemoRows:
     labels = true.copy()
     flip = rng.random(n) < spec.label_noise
     labels[flip] = (true[flip] + rng.integers(1, c, int(flip.sum()))) % c
-    duplicate_of = np.where(parent_pos >= 0, start + parent_pos, -1).astype(np.int64)
+    duplicate_of = np.where(parent_pos >= 0, ids[0] + parent_pos, -1).astype(np.int64)
     return DemoRows(
         ids=ids,
         images=np.clip(np.rint(images * 255), 0, 255).astype(np.uint8),
@@ -160,3 +172,14 @@ def generate_rows(spec: DemoPoolSpec, start: int = 0, count: int | None = None) 
     offset = start - (start // BLOCK_ROWS) * BLOCK_ROWS
     take = slice(offset, offset + count)
     return DemoRows(**{f: np.concatenate([getattr(b, f) for b in blocks])[take] for f in DemoRows.__dataclass_fields__})
+
+
+def generate_test_rows(spec: DemoPoolSpec, count: int) -> DemoRows:
+    """A held-out test split of ``count`` clean samples from the pool's class model.
+
+    Ids follow the pool's (``n_rows .. n_rows+count-1``), so they never collide with it.
+    """
+    check_positive_int(count, "count")
+    protos = _class_prototypes(spec)
+    blocks = [_block(spec, protos, b, test=True) for b in range((count - 1) // BLOCK_ROWS + 1)]
+    return DemoRows(**{f: np.concatenate([getattr(b, f) for b in blocks])[:count] for f in DemoRows.__dataclass_fields__})

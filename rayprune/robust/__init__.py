@@ -1,5 +1,6 @@
 """Robust-training building blocks in plain PyTorch: models, PGD attacks, AT losses, EMA."""
 
+from rayprune.robust.apgd import apgd_attack, apgd_targeted
 from rayprune.robust.at_losses import pgd_at_loss, trades_loss
 from rayprune.robust.attacks import (
     ATTACK_LOSSES,
@@ -11,6 +12,7 @@ from rayprune.robust.attacks import (
     pgd_attack,
 )
 from rayprune.robust.ema import ModelEMA, unwrap_model
+from rayprune.robust.evaluation import EvalConfig, robust_correct, summarize
 from rayprune.robust.metrics import true_class_stats
 from rayprune.robust.models import (
     CIFAR10_MEAN,
@@ -34,12 +36,15 @@ __all__ = [
     "MODEL_REGISTRY",
     "NORMS",
     "AttackConfig",
+    "EvalConfig",
     "EmbeddingClassifier",
     "ModelEMA",
     "Normalize",
     "PreActResNet18",
     "SmallCNN",
     "WideResNet",
+    "apgd_attack",
+    "apgd_targeted",
     "attack_objective",
     "build_model",
     "count_parameters",
@@ -47,6 +52,8 @@ __all__ = [
     "linf_8_255",
     "pgd_at_loss",
     "pgd_attack",
+    "robust_correct",
+    "summarize",
     "temporary_mode",
     "trades_loss",
     "true_class_stats",

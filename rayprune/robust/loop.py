@@ -77,7 +77,7 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
-    stream: BatchStream,
+    stream: "BatchStream | MixedBatchStream",
     attack: AttackConfig,
     recipe: ATRecipe,
     *,
@@ -122,3 +122,38 @@ def train_steps(
         if on_step is not None:
             on_step(step)
     return {key: value / max(1, steps) for key, value in totals.items()}
+
+
+class MixedBatchStream:
+    """Batches mixing groups at fixed counts, e.g. 80% synthetic and 20% real samples.
+
+    ``groups`` are arrays of positions (into the caller's sample arrays); each group has
+    its own reshuffled endless stream, and every batch takes ``counts[i]`` positions from
+    group ``i``. Like ``BatchStream`` it replays exactly from a step count.
+    """
+
+    def __init__(self, groups: list[np.ndarray], counts: list[int], seed: int) -> None:
+        if len(groups) != len(counts) or not groups:
+            raise ValueError("groups and counts must be non-empty and of the same length")
+        live = [(g, c) for g, c in zip(groups, counts) if c > 0]
+        for g, c in live:
+            if len(g) == 0:
+                raise ValueError(f"a group asked for {c} samples per batch is empty")
+        self.groups = [g for g, _ in live]
+        self.streams = [BatchStream(len(g), c, seed=seed * 31 + i) for i, (g, c) in enumerate(live)]
+
+    def next(self) -> np.ndarray:
+        return np.concatenate([g[s.next()] for g, s in zip(self.groups, self.streams)])
+
+
+def mix_counts(batch_size: int, fraction: float, n_first: int, n_second: int) -> list[int]:
+    """Per-batch counts of two groups: ``fraction`` of the batch from the first group.
+
+    A group with no samples gives its share to the other.
+    """
+    first = int(round(batch_size * fraction))
+    if n_first == 0:
+        first = 0
+    elif n_second == 0:
+        first = batch_size
+    return [first, batch_size - first]

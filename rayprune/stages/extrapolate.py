@@ -31,7 +31,8 @@ from rayprune.scoring.neighbours import SearchOptions
 from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
-from rayprune.stages.score import ScoreResult, model_from_config
+from rayprune.stages.score import ScoreResult
+from rayprune.stages.training import load_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ class Embedder:
         torch.set_num_threads(threads)
         config = from_dict(JobConfig, job)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = model_from_config(config, num_classes, image_shape[2])
-        self.model.load_state_dict(torch.load(model_file, map_location=self.device, weights_only=True))
-        self.model.to(self.device).eval()
+        self.model = load_model_file(config, model_file, num_classes, image_shape[2], self.device).eval()
         self.shape = tuple(image_shape)
         self.tally = tally[0] if tally else None
         self.node = ray.get_runtime_context().get_node_id()

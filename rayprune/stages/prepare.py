@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import ray
 
 from rayprune.config import JobConfig, to_dict
-from rayprune.data.pool import POOL_META, PoolError, PoolInfo, pool_files, read_pool_info, write_demo_pool
+from rayprune.data.demo_pool import generate_test_rows
+from rayprune.data.pool import POOL_META, PoolError, PoolInfo, PoolWriter, pool_files, read_pool_info, write_demo_pool
 from rayprune.scoring.select import draw_subset
 from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
 
@@ -52,6 +53,29 @@ def run_pool(config: JobConfig, root: Path) -> PoolRef:
         logger.info("generating the demo pool (%d real + %d synthetic rows)", spec.n_real, spec.n_synthetic)
         write_demo_pool(spec, data, rows_per_file=max(256, math.ceil(spec.n_rows / 16)), overwrite=True)
         stage.commit({"path": str(data)})
+    info = read_pool_info(data)
+    return PoolRef(data, info, pool_files(data, info), stage.input_digest)
+
+
+def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
+    """The evaluation's test pool: ``evaluation.test_pool``, or the demo's test split."""
+    if config.evaluation.test_pool:
+        path = Path(config.evaluation.test_pool).resolve()
+        info = read_pool_info(path)
+        files = pool_files(path, info)
+        facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
+        return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+    size = config.evaluation.demo_test_size
+    stage = Stage("test_pool", root, digest("demo-test", to_dict(config.pool.demo), size))
+    data = stage.dir / "data"
+    if stage.committed() is None:
+        stage.begin()
+        spec = config.pool.demo
+        rows = generate_test_rows(spec, size)
+        with PoolWriter(data, image_shape=(spec.image_size, spec.image_size, 3), num_classes=spec.num_classes,
+                        overwrite=True) as writer:
+            writer.add(rows.ids, rows.images, rows.labels, rows.sources, origin="demo test split")
+        stage.commit({"path": str(data), "rows": size})
     info = read_pool_info(data)
     return PoolRef(data, info, pool_files(data, info), stage.input_digest)
 

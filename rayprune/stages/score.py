@@ -11,6 +11,7 @@ each shard's histories into scores, one shard at a time (memory bounded by a sha
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,22 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
 from rayprune.config import JobConfig, from_dict, to_dict
-from rayprune.data.pool import decode_images
-from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.ema import unwrap_model
-from rayprune.robust.loop import ATRecipe, BatchStream, train_steps
-from rayprune.robust.models import build_model
+from rayprune.robust.loop import BatchStream, train_steps
 from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
-from rayprune.robust.training import make_optimizer, to_float_images
+from rayprune.robust.training import to_float_images
 from rayprune.scoring.scores import score_from_histories
-from rayprune.stages.common import Stage, digest
+from rayprune.stages.common import Stage, digest, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
+from rayprune.stages.training import (
+    attack_from_config,
+    load_rows,
+    model_from_config,
+    optimizer_from_config,
+    recipe_from_config,
+    run_trainer,
+    shard_ids,
+    write_table_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,44 +63,8 @@ def steps_per_epoch(config: JobConfig, n_real: int, n_pool: int) -> int:
     return max(1, math.ceil(basis / config.train.batch_size))
 
 
-def attack_from_config(config: JobConfig) -> AttackConfig:
-    a = config.attack
-    return AttackConfig(norm=a.norm, eps=a.eps, step_size=a.step_size, steps=a.steps, loss="ce", random_start=True)
-
-
-def model_from_config(config: JobConfig, num_classes: int, in_channels: int):
-    kwargs = {"width": config.model.width} if config.model.name == "small_cnn" else {}
-    return build_model(config.model.name, num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-
-def shard_ids(all_ids: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This worker's ids: every ``world``-th of the sorted subset ids, from ``rank``."""
-    return np.sort(all_ids)[rank::world]
-
-
-def load_rows(subset_dir: str, ids: np.ndarray, image_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images/labels of ``ids`` from the subset files, returned in the order of ``ids``."""
-    dataset = pads.dataset(subset_dir, format="parquet")
-    table = dataset.to_table(filter=pads.field("id").isin(pa.array(ids, pa.int64())))
-    got = table["id"].to_numpy()
-    order = np.argsort(got)
-    if not np.array_equal(got[order], np.sort(ids)):
-        raise RuntimeError(f"subset files at {subset_dir} lack {len(ids) - len(got)} of this shard's ids")
-    table = table.take(pa.array(order))
-    pos = np.searchsorted(table["id"].to_numpy(), ids)
-    table = table.take(pa.array(pos))
-    # Copies: Arrow hands out read-only buffers, which torch refuses to wrap.
-    return np.array(table["id"]), decode_images(table["image"], image_shape).copy(), np.array(table["label"])
-
-
 def record_path(records_dir: Path, epoch: int, rank: int) -> Path:
     return records_dir / f"epoch_{epoch:04d}-rank_{rank:03d}.parquet"
-
-
-def _write_atomic_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def scoring_loop(loop_config: dict) -> None:
@@ -111,7 +82,7 @@ def scoring_loop(loop_config: dict) -> None:
     records_dir = Path(loop_config["records_dir"])
 
     all_ids = pq.read_table(loop_config["subset_ids_file"])["id"].to_numpy()
-    ids, images_u8, labels_np = load_rows(loop_config["subset_dir"], shard_ids(all_ids, rank, world), image_shape)
+    ids, images_u8, labels_np, _ = load_rows(loop_config["subset_dir"], shard_ids(all_ids, rank, world), image_shape)
     images = to_float_images(images_u8).to(device)
     labels = torch.from_numpy(labels_np).to(device)
 
@@ -119,13 +90,9 @@ def scoring_loop(loop_config: dict) -> None:
     model = model_from_config(config, loop_config["num_classes"], image_shape[2])
     model = ray.train.torch.prepare_model(model)
     raw = unwrap_model(model)
-    optimizer = make_optimizer(raw, config.train.lr, config.train.momentum, config.train.weight_decay, config.train.nesterov)
+    optimizer = optimizer_from_config(raw, config.train)
     per_epoch, epochs = loop_config["steps_per_epoch"], config.train.epochs
-    recipe = ATRecipe(
-        loss=config.train.loss, trades_beta=config.train.trades_beta, label_smoothing=config.train.label_smoothing,
-        lr=config.train.lr, schedule=config.train.schedule, warmup_steps=config.train.warmup_epochs * per_epoch,
-        augment=config.train.augment,
-    )
+    recipe = recipe_from_config(config.train, per_epoch)
     attack = attack_from_config(config)
     per_worker_batch = max(1, config.train.batch_size // world)
     stream = BatchStream(len(ids), per_worker_batch, seed=config.train.seed * 1000 + rank)
@@ -155,7 +122,7 @@ def scoring_loop(loop_config: dict) -> None:
         record = record_predictions(raw, images, labels, attack, generator=generator,
                                     batch_size=loop_config["inference_batch_size"])
         table = pa.table({"id": ids, **{f: getattr(record, f) for f in RECORDED_FIELDS}})
-        _write_atomic_table(table, record_path(records_dir, epoch, rank))
+        write_table_atomic(table, record_path(records_dir, epoch, rank))
         metrics = {
             "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
             "clean_acc": float((record.margin_clean > 0).mean()), "adv_acc": float((record.margin_adv > 0).mean()),
@@ -165,6 +132,7 @@ def scoring_loop(loop_config: dict) -> None:
                 "scoring epoch %d/%d: loss %.3f, lr %.4f, shard clean acc %.3f, adv acc %.3f",
                 epoch + 1, epochs, metrics["loss"], metrics["lr"], metrics["clean_acc"], metrics["adv_acc"],
             )
+            write_json_atomic(records_dir / f"metrics_{epoch:04d}.json", metrics)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -178,13 +146,22 @@ def scoring_loop(loop_config: dict) -> None:
         os.replace(tmp, loop_config["model_file"])
 
 
+def read_epoch_metrics(records_dir: Path, epochs: int) -> list[dict]:
+    """Rank 0's per-epoch training metrics (loss, lr, clean/adversarial accuracy)."""
+    out = []
+    for epoch in range(epochs):
+        path = records_dir / f"metrics_{epoch:04d}.json"
+        if path.exists():
+            out.append(json.loads(path.read_text()))
+    return out
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     model_file: Path
     scores_file: Path
     training_steps: int
-    sample_gradient_steps: int
-    recording_passes: int
+    history: list[dict]
     digest: str
 
 
@@ -215,19 +192,12 @@ def assemble_scores(config: JobConfig, records_dir: Path, world: int, epochs: in
 
 def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, plan: ResourcePlan) -> ScoreResult:
     """Train on the subset with Ray Train, record histories, compute the subset's scores."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     per_epoch = steps_per_epoch(config, split.n_real, split.n_pool)
     relevant = {k: to_dict(config)[k] for k in ("model", "attack", "train")}
     stage = Stage("score_subset", root, digest(split.digest, relevant, plan.train_workers))
     records_dir, model_file = stage.dir / "records", stage.dir / MODEL_FILE
     scores_file = stage.dir / f"{config.scoring.score}-{config.scoring.signal}-w{config.scoring.window}-{SCORES_FILE}"
     total_steps = per_epoch * config.train.epochs
-    recording_passes = config.train.epochs * len(split.subset_ids)
-    outputs = {"training_steps": total_steps,
-               "sample_gradient_steps": total_steps * config.train.batch_size * (config.attack.steps + 1),
-               "recorded_samples": recording_passes}
     if stage.committed() is None:
         stage.begin()
         records_dir.mkdir(exist_ok=True)
@@ -247,32 +217,14 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             "steps_per_epoch": per_epoch,
             "inference_batch_size": config.ray.inference_batch_size,
         }
-        resources = {"CPU": plan.train_cpus_per_worker}
-        if plan.train_use_gpu:
-            resources["GPU"] = 1
-        trainer = TorchTrainer(
-            scoring_loop,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(
-                num_workers=plan.train_workers, use_gpu=plan.train_use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name="train",
-                storage_path=str(stage.dir),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=3),
-            ),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise RuntimeError(f"scoring run failed: {result.error}")
+        run_trainer(scoring_loop, loop_config, stage.dir, plan, "scoring run")
         if not model_file.exists():
             raise RuntimeError("scoring run ended without saving the model")
-        stage.commit(outputs)
+        stage.commit({"training_steps": total_steps})
     if not scores_file.exists():
         table = assemble_scores(config, records_dir, plan.train_workers, config.train.epochs)
         if not np.array_equal(table["id"].to_numpy(), np.sort(split.subset_ids)):
             raise RuntimeError("subset scores do not cover exactly the subset ids")
-        _write_atomic_table(table, scores_file)
-    return ScoreResult(model_file, scores_file, total_steps, outputs["sample_gradient_steps"],
-                       recording_passes, digest(stage.input_digest, to_dict(config.scoring)))
+        write_table_atomic(table, scores_file)
+    return ScoreResult(model_file, scores_file, total_steps, read_epoch_metrics(records_dir, config.train.epochs),
+                       digest(stage.input_digest, to_dict(config.scoring)))

@@ -67,6 +67,25 @@ def choose_kept(config: JobConfig, table: pa.Table) -> np.ndarray:
     return table["id"].to_numpy()[positions]
 
 
+def write_pruned_pool(pool: PoolRef, kept_ids: np.ndarray, per_source: dict[str, int], dest: Path) -> None:
+    """Copy the kept rows, unchanged, into a new pool at ``dest`` (via Ray Data, atomically)."""
+    tmp = fresh_dir(dest.with_name(f".{dest.name}.partial"))
+    (
+        ray.data.read_parquet(pool.files)
+        .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)]}, batch_format="pyarrow",
+                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+        .write_parquet(str(tmp))
+    )
+    written = pads.dataset(str(tmp), format="parquet").count_rows()
+    if written != len(kept_ids):
+        raise RuntimeError(f"wrote {written} pruned-pool rows, expected {len(kept_ids)}")
+    write_pool_info(tmp, PoolInfo(
+        num_rows=written, image_shape=pool.info.image_shape, num_classes=pool.info.num_classes,
+        sources=per_source, files=sorted(p.name for p in tmp.glob("*.parquet")), class_names=pool.info.class_names,
+    ))
+    swap_in(tmp, dest)
+
+
 def run_select(config: JobConfig, pool: PoolRef, extrap: ExtrapolateResult, root: Path) -> SelectResult:
     relevant = (to_dict(config.selection), list(config.pool.prunable_sources), config.scoring.score)
     stage = Stage("select", root, digest(extrap.digest, relevant))
@@ -79,23 +98,7 @@ def run_select(config: JobConfig, pool: PoolRef, extrap: ExtrapolateResult, root
         kept_rows = table.take(pa.array(np.searchsorted(table["id"].to_numpy(), kept_ids)))
         pq.write_table(kept_rows.select(["id", "label", "source", "score"]), kept_file)
         per_source = {str(k): int(v) for k, v in zip(*np.unique(kept_rows["source"].to_pylist(), return_counts=True))}
-        tmp = fresh_dir(stage.dir / ".pruned.partial")
-        (
-            ray.data.read_parquet(pool.files)
-            .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)]}, batch_format="pyarrow",
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-            .write_parquet(str(tmp))
-        )
-        files = sorted(p.name for p in tmp.glob("*.parquet"))
-        written = pads.dataset(str(tmp), format="parquet").count_rows()
-        if written != len(kept_ids):
-            raise RuntimeError(f"select: wrote {written} pruned-pool rows, expected {len(kept_ids)}")
-        info = PoolInfo(
-            num_rows=written, image_shape=pool.info.image_shape, num_classes=pool.info.num_classes,
-            sources=per_source, files=files, class_names=pool.info.class_names,
-        )
-        write_pool_info(tmp, info)
-        swap_in(tmp, pruned)
+        write_pruned_pool(pool, kept_ids, per_source, pruned)
         record = stage.commit({"kept": int(len(kept_ids)), "kept_per_source": per_source})
     out = record["outputs"]
     return SelectResult(kept_file, pruned, out["kept"], out["kept_per_source"], stage.input_digest)

@@ -1,0 +1,105 @@
+"""What the job records in MLflow after each stage (driver only).
+
+Thin: it reads the small outputs the stages already wrote (metrics, a few columns of the
+scores table) and hands them to :class:`rayprune.tracking.Tracker`. Nothing here reads
+images or holds the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from rayprune.config import JobConfig
+from rayprune.data.pool import SCHEMA, PoolInfo
+
+logger = logging.getLogger(__name__)
+
+POOL_SCHEMA = {field.name: str(field.type) for field in SCHEMA}
+
+
+def make_tracker(config: JobConfig):
+    """The job's tracker (a disabled one when ``tracking.enabled`` is false)."""
+    from rayprune.tracking import Tracker
+
+    if not config.tracking.enabled:
+        return Tracker.off()
+    return Tracker(uri=config.tracking.uri or None, experiment=config.tracking.experiment,
+                   strict=config.tracking.strict)
+
+
+def log_pool_dataset(tracker, name: str, info: PoolInfo, digest: str, source: Path, context: str) -> None:
+    import pandas as pd
+
+    preview = pd.DataFrame({"source": list(info.sources), "rows": list(info.sources.values())})
+    tracker.log_dataset(name, digest=digest, source=str(source), context=context, num_rows=info.num_rows,
+                        schema=POOL_SCHEMA, preview=preview)
+    tracker.log_metrics({"rows": info.num_rows})
+
+
+def log_history(tracker, history: list[dict], keys: tuple[str, ...]) -> None:
+    """Per-epoch metrics, step = epoch."""
+    for row in history:
+        tracker.log_metrics({k: float(row[k]) for k in keys if k in row}, step=int(row["epoch"]))
+
+
+def log_scores(tracker, scores_dir: Path) -> None:
+    """Score distributions (measured vs extrapolated) and the scores table itself."""
+    from rayprune.tracking import figure_score_distributions
+
+    table = pads.dataset(str(scores_dir), format="parquet").to_table(columns=["score", "measured"])
+    scores, measured = table["score"].to_numpy(), table["measured"].to_numpy()
+    tracker.log_figure(figure_score_distributions(scores[measured], scores[~measured]), "score_distributions.png")
+    tracker.log_metrics({"measured": int(measured.sum()), "extrapolated": int((~measured).sum())})
+    tracker.log_artifact(scores_dir, "scores")
+
+
+def log_selection(tracker, kept_file: Path, scores_dir: Path) -> None:
+    """Class and source composition before and after pruning, and the kept-id list."""
+    from rayprune.tracking import figure_composition
+
+    before = pads.dataset(str(scores_dir), format="parquet").to_table(columns=["label", "source"])
+    after = pads.dataset(str(kept_file), format="parquet").to_table(columns=["label", "source"])
+    for column in ("label", "source"):
+        count = lambda t: {str(k): int(v) for k, v in zip(*np.unique(np.asarray(t[column].to_pylist()), return_counts=True))}  # noqa: E731
+        tracker.log_figure(figure_composition(count(before), count(after), f"{column} before and after pruning"),
+                           f"composition_{column}.png")
+    tracker.log_artifact(kept_file)
+
+
+def log_final(tracker, history: list[dict]) -> None:
+    from rayprune.tracking import figure_curves
+
+    keys = ("loss", "lr", "train_adv_acc", "val_robust_acc")
+    log_history(tracker, history, keys)
+    if history:
+        curves = {k: [row[k] for row in history] for k in ("loss", "train_adv_acc", "val_robust_acc")}
+        tracker.log_figure(figure_curves(curves, "epoch", "final training"), "final_training_curves.png")
+
+
+def register_final_model(tracker, config: JobConfig, model_file: Path, num_classes: int, image_shape, metrics: dict,
+                         tags: dict) -> object:
+    """Log the EMA model with an input example and register it (candidate / champion).
+
+    A rerun whose model was already registered (same ``model_digest`` tag) registers
+    nothing new and returns that version.
+    """
+    from rayprune.stages.training import load_model_file
+    from rayprune.tracking import ModelRegistration
+
+    name = config.tracking.registered_model
+    existing = tracker.find_model_version(name, "model_digest", tags["model_digest"])
+    if existing is not None:
+        logger.info("MLflow: this model is already registered as %s version %d", name, existing)
+        return ModelRegistration(existing, False)
+
+    model = load_model_file(config, model_file, num_classes, image_shape[2]).eval()
+    h, w, c = image_shape
+    example = np.full((2, c, h, w), 0.5, dtype=np.float32)
+    return tracker.register_model(
+        model, name=name, input_example=example,
+        metric_name="robust_accuracy", metric_value=float(metrics["worst"]), tags=tags,
+    )

@@ -1,0 +1,766 @@
+"""Record a rayprune job in MLflow: one parent run, a child run per stage, datasets,
+artifacts, figures and registered models.
+
+Only the driver (or Ray Train rank 0) may use this module; Ray Data actors and training
+workers must not import it (SQLite allows one writer, and tracking is the driver's job).
+
+Design:
+
+* Every call goes to an explicit run id through ``MlflowClient``, so MLflow's global
+  active-run stack is never touched and two ``Tracker`` objects cannot leak runs into
+  each other. The one exception is ``mlflow.pytorch.log_model``, which only reads the
+  global tracking/registry URI: it runs inside a scope that sets them to this tracker's
+  URI and restores them (and their environment variables) afterwards.
+* Every MLflow call goes through one guard (:meth:`Tracker._guarded`). Tracking must not
+  kill a long pruning job: when not strict, the first failure logs one warning and turns
+  tracking off for the rest of the job. When strict, it raises :class:`TrackingError`.
+* When not strict, MLflow's HTTP retry policy (7 retries with exponential backoff, about
+  4 minutes against a dead server) is shortened to :data:`SHORT_HTTP_POLICY` for the
+  duration of each call, in this process only; variables the user set explicitly win.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_EXPERIMENT = "rayprune"
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+#: MLflow HTTP settings used for non-strict trackers (unless set in the environment):
+#: a dead server costs about 3 s (connection refused) or 3 x 20 s (no answer) once, then
+#: tracking is off.
+SHORT_HTTP_POLICY: Mapping[str, str] = MappingProxyType({
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+})
+
+#: Column type names accepted in ``log_dataset(schema=...)`` -> MLflow column types.
+_SCHEMA_TYPES: Mapping[str, str] = MappingProxyType({
+    **dict.fromkeys(("int64", "long", "int"), "long"),
+    **dict.fromkeys(("int32", "integer", "int16", "int8", "uint8", "uint16"), "integer"),
+    **dict.fromkeys(("float64", "double"), "double"),
+    **dict.fromkeys(("float32", "float"), "float"),
+    **dict.fromkeys(("bool", "boolean"), "boolean"),
+    **dict.fromkeys(("string", "str", "large_string", "utf8", "object"), "string"),
+    **dict.fromkeys(("binary", "bytes", "large_binary"), "binary"),
+    **dict.fromkeys(("datetime", "timestamp", "timestamp[ns]", "timestamp[us]", "timestamp[ms]"), "datetime"),
+})
+
+#: Packages pinned in a registered model's requirements (MLflow's inference would find
+#: the same list but spends ~4 s per model in a subprocess).
+_MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "pandas", "torch", "rayprune")
+
+_MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+_MAX_DIGEST = 36  # MLflow's limit on a dataset digest
+_BATCH = 100  # params/tags per log_batch (MLflow allows 100 params, 1000 metrics)
+_MAX_ERROR_CHARS = 500
+
+
+class TrackingError(RuntimeError):
+    """An MLflow call failed and the tracker is strict; the message names the URI."""
+
+
+class ModelRegistration(NamedTuple):
+    """What :meth:`Tracker.register_model` created: the version and whether it is champion."""
+
+    version: int
+    is_champion: bool
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite file in the working directory.
+
+    Absolute, because Ray workers run in other directories.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """``<directory of the database>/mlruns`` as a file URI for a SQLite store, else None.
+
+    MLflow would otherwise put artifacts in ``./mlruns`` of whatever the working directory is.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlruns").as_uri()
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> ``{"a.b.c": "value"}`` as MLflow stores params.
+
+    Lists and tuples become JSON (``["synthetic"]``), everything else ``str(value)``.
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(list(value), default=str)
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + " ..."
+
+
+@contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables that are not already set; restore them afterwards."""
+    added = [k for k in values if k not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextmanager
+def _global_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking and registry URI at ``uri``, then restore both.
+
+    Needed only around ``mlflow.pytorch.log_model``, which has no URI argument. MLflow's own
+    ``_use_tracking_uri`` would unset a user's MLFLOW_TRACKING_URI on exit, hence this.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None = unset
+        registry_utils._registry_uri = saved_registry
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _model_requirements() -> list[str]:
+    reqs = []
+    for dist in _MODEL_REQUIREMENTS:
+        try:
+            reqs.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _close_figure(fig: Figure) -> None:
+    """Release a figure; pyplot-managed figures must be closed through pyplot."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and getattr(fig.canvas, "manager", None) is not None:
+        pyplot.close(fig)
+    else:
+        fig.clear()
+
+
+# ------------------------------------------------------------------------ Tracker
+
+
+class Tracker:
+    """Record one job (or several, one after another) in an MLflow experiment.
+
+    ``uri``: tracking URI; None = ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
+    ``strict``: raise :class:`TrackingError` on the first MLflow failure instead of
+    warning once and carrying on without tracking.
+
+    Not thread-safe: use one tracker from the driver thread (or Ray Train rank 0).
+    Nothing touches the tracking server until :meth:`start_job`.
+    """
+
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, strict: bool = False) -> None:
+        if not experiment:
+            raise ValueError("experiment must be a non-empty name")
+        self.uri: str = uri or default_tracking_uri()
+        self.experiment: str = experiment
+        self.strict: bool = strict
+        self._client_obj: MlflowClient | None = None  # created lazily, inside the guard
+        self._enabled = True
+        self._experiment_id: str | None = None
+        self._runs: list[str] = []  # parent run first, innermost open stage last
+        self._http_policy: Mapping[str, str] = (
+            {} if strict or not self.uri.startswith(("http://", "https://")) else SHORT_HTTP_POLICY
+        )
+        if self._http_policy:
+            overridden = [k for k in self._http_policy if k in os.environ]
+            logger.debug(
+                "MLflow HTTP policy for %s during tracking calls (this process only): %s%s",
+                self.uri, dict(self._http_policy),
+                f"; kept from the environment: {overridden}" if overridden else "",
+            )
+
+    @classmethod
+    def off(cls) -> Tracker:
+        """A tracker that records nothing (tracking switched off by configuration)."""
+        tracker = cls("sqlite:///:memory:")  # never contacted: every call is a no-op
+        tracker._enabled = False
+        return tracker
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def enabled(self) -> bool:
+        """False once a non-strict tracker has hit an MLflow failure (all calls are no-ops)."""
+        return self._enabled
+
+    @property
+    def run_id(self) -> str | None:
+        """The innermost open run (the current stage, else the job), or None."""
+        return self._runs[-1] if self._runs else None
+
+    @property
+    def job_run_id(self) -> str | None:
+        """The parent run of the current job, or None."""
+        return self._runs[0] if self._runs else None
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
+
+    @property
+    def _client(self) -> MlflowClient:
+        # Building the client already opens the store (SQLite: creates the tables), which
+        # can fail: only call this inside ``_guarded``.
+        if self._client_obj is None:
+            self._client_obj = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client_obj
+
+    # -------------------------------------------------------------- the guard
+
+    def _guarded(self, what: str, fn: Callable[[], T]) -> T | None:
+        """Run one MLflow interaction; on failure warn once and disable, or raise if strict."""
+        if not self._enabled:
+            return None
+        try:
+            with _environ(self._http_policy):
+                return fn()
+        except Exception as exc:  # MLflow raises many types (MlflowException, OSError, SQL errors)
+            message = f"MLflow tracking failed at {what} (tracking URI {self.uri}): {_short(exc)}"
+            if self.strict:
+                raise TrackingError(message) from exc
+            self._enabled = False
+            self._runs.clear()
+            logger.warning("%s; the job continues without tracking", message)
+            return None
+
+    def _current(self) -> str:
+        if not self._runs:
+            raise RuntimeError("no job is running: call Tracker.start_job first")
+        return self._runs[-1]
+
+    # -------------------------------------------------------------- runs
+
+    def _ensure_experiment(self) -> str:
+        if self._experiment_id is not None:
+            return self._experiment_id
+        client = self._client
+        found = client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                experiment_id = client.create_experiment(
+                    self.experiment, artifact_location=sqlite_artifact_root(self.uri)
+                )
+            except MlflowException:
+                found = client.get_experiment_by_name(self.experiment)  # created concurrently
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        else:
+            experiment_id = found.experiment_id
+        self._experiment_id = experiment_id
+        return experiment_id
+
+    def start_job(
+        self,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Start the job's parent run; ``params`` (nested config) are logged flattened.
+
+        Returns the run id, or None when tracking is off.
+        """
+        if self._enabled and self._runs:
+            raise RuntimeError(f"a job is already running (run {self._runs[0]}); call end_job first")
+        flat = self._checked_params(params or {})
+
+        def start() -> str:
+            experiment_id = self._ensure_experiment()
+            run = self._client.create_run(
+                experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
+            )
+            self._runs.append(run.info.run_id)
+            self._log_params_now(run.info.run_id, flat)
+            return run.info.run_id
+
+        run_id = self._guarded("start_job", start)
+        if run_id is not None:
+            logger.info("MLflow: job run %s in experiment %r at %s", run_id, self.experiment, self.uri)
+        return run_id
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[str | None]:
+        """A nested child run for one stage (tag ``stage=name``), timed as ``wall_seconds``.
+
+        Yields the child's run id (None when tracking is off). An exception in the body
+        marks the child FAILED and propagates.
+        """
+        if self._enabled:
+            self._current()
+
+        def open_child() -> str:
+            parent = self._current()
+            run = self._client.create_run(
+                self._ensure_experiment(),
+                run_name=name,
+                tags={MLFLOW_PARENT_RUN_ID: parent, "stage": name},
+            )
+            self._runs.append(run.info.run_id)
+            return run.info.run_id
+
+        run_id = self._guarded(f"stage {name!r} (start)", open_child)
+        start = time.perf_counter()
+        status = "FAILED"
+        try:
+            yield run_id
+            status = "FINISHED"
+        finally:
+            seconds = time.perf_counter() - start
+            if run_id is not None:
+
+                def close_child() -> None:
+                    self._client.log_metric(run_id, "wall_seconds", seconds, timestamp=_now_ms())
+                    self._client.set_terminated(run_id, status)
+                    if self._runs and self._runs[-1] == run_id:
+                        self._runs.pop()
+
+                self._guarded(f"stage {name!r} (end)", close_child)
+
+    def end_job(self, status: str = "FINISHED") -> None:
+        """Close open stage runs and the job's parent run with ``status``."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
+        if not self._enabled or not self._runs:
+            return
+
+        def end() -> None:
+            while self._runs:
+                self._client.set_terminated(self._runs[-1], status)
+                self._runs.pop()
+
+        self._guarded("end_job", end)
+
+    # -------------------------------------------------------------- params, metrics, tags
+
+    @staticmethod
+    def _checked_params(params: Mapping[str, Any]) -> dict[str, str]:
+        flat = flatten_params(params)
+        for key, value in flat.items():
+            if len(value) > _MAX_PARAM_VALUE:
+                logger.warning("param %s is %d characters long; MLflow keeps the first %d",
+                               key, len(value), _MAX_PARAM_VALUE)
+                flat[key] = value[:_MAX_PARAM_VALUE]
+        return flat
+
+    def _log_params_now(self, run_id: str, flat: Mapping[str, str]) -> None:
+        items = [Param(k, v) for k, v in flat.items()]
+        for chunk in _chunks(items, _BATCH):
+            self._client.log_batch(run_id, params=list(chunk), synchronous=True)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (nested, flattened) params to the current run."""
+        if not self._enabled:
+            return
+        run_id = self._current()
+        flat = self._checked_params(params)
+        self._guarded("log_params", lambda: self._log_params_now(run_id, flat))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics to the current run (the innermost open stage, else the job)."""
+        if not self._enabled:
+            return
+        run_id = self._current()
+        stamp = _now_ms()
+        try:
+            items = [Metric(str(k), float(v), stamp, int(step or 0)) for k, v in metrics.items()]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metric values must be numbers; got {dict(metrics)!r}") from exc
+
+        def log() -> None:
+            for chunk in _chunks(items, 1000):
+                self._client.log_batch(run_id, metrics=list(chunk), synchronous=True)
+
+        self._guarded("log_metrics", log)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags on the current run."""
+        if not self._enabled:
+            return
+        run_id = self._current()
+        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+
+        def log() -> None:
+            for chunk in _chunks(items, _BATCH):
+                self._client.log_batch(run_id, tags=list(chunk), synchronous=True)
+
+        self._guarded("set_tags", log)
+
+    # -------------------------------------------------------------- datasets
+
+    def log_dataset(
+        self,
+        name: str,
+        *,
+        digest: str,
+        source: str,
+        context: str,
+        num_rows: int,
+        schema: Mapping[str, str] | None = None,
+        preview: pd.DataFrame | None = None,
+    ) -> None:
+        """Record a dataset as an input of the current run (e.g. pool, scored subset, pruned pool).
+
+        ``digest`` is stored as given (at most 36 characters, MLflow's limit) and is what
+        MLflow shows. ``preview``: a few rows or a summary table (no image bytes needed);
+        ``num_rows`` is the size of the whole dataset and goes into the profile.
+        ``schema``: column -> type name (int64, string, binary, float32, ...); without it
+        the preview's schema is recorded.
+        """
+        if not self._enabled:
+            return
+        run_id = self._current()
+        if not digest or len(digest) > _MAX_DIGEST:
+            raise ValueError(f"digest must have 1 to {_MAX_DIGEST} characters; got {digest!r}")
+        colspec = _mlflow_colspec(schema) if schema is not None else None
+
+        def log() -> None:
+            import mlflow.data
+            import pandas as pd
+
+            frame = preview if preview is not None else pd.DataFrame({"num_rows": [int(num_rows)]})
+            with warnings.catch_warnings():
+                # MLflow registers its local source twice and warns about the ambiguity.
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                # ... and hints about integer columns in model signatures, irrelevant here.
+                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+                dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+                entity = dataset._to_mlflow_entity()
+            entity = DatasetEntity(
+                name=entity.name,
+                digest=entity.digest,
+                source_type=entity.source_type,
+                source=entity.source,
+                schema=json.dumps({"mlflow_colspec": colspec}) if colspec is not None else entity.schema,
+                profile=json.dumps({"num_rows": int(num_rows), "preview_rows": len(frame)}),
+            )
+            self._client.log_inputs(
+                run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+            )
+
+        self._guarded(f"log_dataset {name!r}", log)
+
+    # -------------------------------------------------------------- artifacts
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload a file or a directory to the current run's artifacts."""
+        if not self._enabled:
+            return
+        run_id = self._current()
+        local = Path(path)
+        if not local.exists():
+            logger.warning("not logging artifact %s: it does not exist", local)
+            return
+        if local.is_dir():
+            self._guarded(f"log_artifact {local.name!r}",
+                          lambda: self._client.log_artifacts(run_id, str(local), artifact_path))
+        else:
+            self._guarded(f"log_artifact {local.name!r}",
+                          lambda: self._client.log_artifact(run_id, str(local), artifact_path))
+
+    def log_figure(self, fig: Figure, name: str) -> None:
+        """Save a matplotlib figure as artifact ``name`` (e.g. ``figures/scores.png``), then close it."""
+        try:
+            if self._enabled:
+                run_id = self._current()
+                self._guarded(f"log_figure {name!r}", lambda: self._client.log_figure(run_id, fig, name))
+        finally:
+            _close_figure(fig)
+
+    def log_dict(self, d: Mapping[str, Any], name: str) -> None:
+        """Save a dict as a JSON or YAML artifact (by the extension of ``name``)."""
+        if not self._enabled:
+            return
+        run_id = self._current()
+        self._guarded(f"log_dict {name!r}", lambda: self._client.log_dict(run_id, dict(d), name))
+
+    # -------------------------------------------------------------- model registry
+
+    def register_model(
+        self,
+        model: torch.nn.Module,
+        *,
+        name: str,
+        input_example: np.ndarray,
+        metric_name: str,
+        metric_value: float,
+        higher_is_better: bool = True,
+        tags: Mapping[str, Any] | None = None,
+        pip_requirements: Sequence[str] | None = None,
+    ) -> ModelRegistration | None:
+        """Log ``model`` to the current run and register it as a new version of ``name``.
+
+        The version gets ``tags`` plus ``metric_name=metric_value`` and alias ``candidate``.
+        Alias ``champion`` moves to it when the model has no champion yet or the new
+        metric strictly beats the champion's ``metric_name`` tag (ties keep the old one).
+        What is logged is an eval-mode CPU copy (MLflow runs the model on the example to
+        infer the signature, which would otherwise update BatchNorm statistics of a model in
+        train mode). It is pickled, so it loads back as the same nn.Module class and
+        ``rayprune`` must be importable where it is loaded; the signature comes from
+        ``input_example`` (a float32 batch). ``pip_requirements`` default: the installed
+        versions of mlflow, cloudpickle, numpy, pandas, torch and rayprune.
+
+        Not atomic: two jobs registering the same model at once may both see the old champion.
+        """
+        if not self._enabled:
+            return None
+        run_id = self._current()
+        value = float(metric_value)
+        if math.isnan(value):
+            raise ValueError(f"metric_value for {metric_name} is NaN")
+        version_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        version_tags[metric_name] = repr(value)
+        requirements = list(pip_requirements) if pip_requirements is not None else _model_requirements()
+
+        def register() -> ModelRegistration:
+            import copy
+
+            import mlflow.pytorch
+            import numpy as np
+
+            snapshot = copy.deepcopy(model).cpu().eval()
+            example = np.ascontiguousarray(np.asarray(input_example, dtype=np.float32))
+            client = self._client
+            logged = client.create_logged_model(self._ensure_experiment(), name="model", source_run_id=run_id)
+            with _global_uris(self.uri):
+                info = mlflow.pytorch.log_model(
+                    snapshot,
+                    name="model",
+                    input_example=example,
+                    registered_model_name=name,
+                    serialization_format="pickle",
+                    pip_requirements=requirements,
+                    model_id=logged.model_id,
+                    run_id=run_id,
+                )
+            version = int(info.registered_model_version)
+            for key, tag_value in version_tags.items():
+                client.set_model_version_tag(name, str(version), key, tag_value)
+            client.set_registered_model_alias(name, CANDIDATE_ALIAS, str(version))
+            champion = client.get_registered_model(name).aliases.get(CHAMPION_ALIAS)
+            becomes = champion is None or self._beats(name, champion, metric_name, value, higher_is_better)
+            if becomes:
+                client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+            logger.info("MLflow: registered %s version %d (%s=%g)%s", name, version, metric_name, value,
+                        "; it is the champion" if becomes else f"; champion stays version {champion}")
+            return ModelRegistration(version, becomes)
+
+        return self._guarded(f"register_model {name!r}", register)
+
+    def find_model_version(self, name: str, tag: str, value: str) -> int | None:
+        """The registered version of ``name`` whose tag ``tag`` equals ``value``, if any.
+
+        Lets a rerun of the same job find the version it already registered.
+        """
+        if not self._enabled:
+            return None
+
+        def find() -> int | None:
+            versions = self._client.search_model_versions(f"name = '{name}'")
+            matches = [int(v.version) for v in versions if v.tags.get(tag) == value]
+            return max(matches) if matches else None
+
+        return self._guarded(f"find_model_version {name!r}", find)
+
+    def _beats(self, name: str, champion: Any, metric_name: str, value: float, higher_is_better: bool) -> bool:
+        """Whether ``value`` strictly beats the champion version's ``metric_name`` tag."""
+        current = self._client.get_model_version(name, str(champion)).tags.get(metric_name)
+        try:
+            best = float(current)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            logger.warning("champion version %s of %s has no numeric %s tag (%r); it stays champion",
+                           champion, name, metric_name, current)
+            return False
+        if math.isnan(best):
+            return True
+        return value > best if higher_is_better else value < best
+
+
+def _mlflow_colspec(schema: Mapping[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for column, typ in schema.items():
+        mlflow_type = _SCHEMA_TYPES.get(str(typ).lower())
+        if mlflow_type is None:
+            raise ValueError(
+                f"schema column {column!r} has type {typ!r}; allowed: {', '.join(sorted(_SCHEMA_TYPES))}"
+            )
+        out.append({"type": mlflow_type, "name": str(column), "required": True})
+    return out
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def _new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    """A Figure on the Agg canvas, without pyplot (no global backend or figure registry)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finite(values: Any) -> np.ndarray:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    return arr[np.isfinite(arr)]
+
+
+def figure_score_distributions(measured_scores: Any, extrapolated_scores: Any, bins: int = 40) -> Figure:
+    """Overlaid density histograms of measured (subset) and extrapolated (pool) scores."""
+    import numpy as np
+
+    measured, extrapolated = _finite(measured_scores), _finite(extrapolated_scores)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    both = np.concatenate([measured, extrapolated])
+    edges = np.histogram_bin_edges(both, bins=bins) if both.size else bins
+    for values, label in ((measured, "measured"), (extrapolated, "extrapolated")):
+        if values.size:
+            ax.hist(values, bins=edges, density=True, alpha=0.5, label=f"{label} (n={values.size})")
+    ax.set_xlabel("score")
+    ax.set_ylabel("density")
+    ax.set_title("Score distributions")
+    if both.size:
+        ax.legend()
+    return fig
+
+
+def figure_scatter(x: Any, y: Any, xlabel: str, ylabel: str, title: str) -> Figure:
+    """Scatter of paired values with the y = x line and Pearson r (e.g. extrapolated vs measured)."""
+    import numpy as np
+
+    xs = np.asarray(x, dtype=np.float64).ravel()
+    ys = np.asarray(y, dtype=np.float64).ravel()
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y must have the same length; got {xs.size} and {ys.size}")
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[keep], ys[keep]
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot()
+    ax.scatter(xs, ys, s=8, alpha=0.5)
+    if xs.size:
+        lo, hi = float(min(xs.min(), ys.min())), float(max(xs.max(), ys.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="y = x")
+        if xs.size > 1 and xs.std() > 0 and ys.std() > 0:
+            title = f"{title} (Pearson r = {np.corrcoef(xs, ys)[0, 1]:.3f}, n = {xs.size})"
+        ax.legend(loc="upper left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig
+
+
+def figure_composition(before: Mapping[str, int], after: Mapping[str, int], title: str) -> Figure:
+    """Grouped bars of counts per key (class or source) before and after pruning."""
+    import numpy as np
+
+    keys = sorted(set(before) | set(after), key=str)
+    pos = np.arange(len(keys))
+    fig = _new_figure(max(6.4, 0.6 * len(keys) + 2), 4.2)
+    ax = fig.add_subplot()
+    width = 0.4
+    bars_before = ax.bar(pos - width / 2, [before.get(k, 0) for k in keys], width, label="before")
+    bars_after = ax.bar(pos + width / 2, [after.get(k, 0) for k in keys], width, label="after")
+    ax.bar_label(bars_before, fontsize=7)
+    ax.bar_label(bars_after, fontsize=7)
+    ax.set_xticks(pos, [str(k) for k in keys])
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def figure_curves(curves: Mapping[str, Sequence[float]], xlabel: str, title: str = "") -> Figure:
+    """One line per named series (e.g. training loss and accuracy per epoch), x from 1."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        ys = list(values)
+        ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) <= 30 else None, markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
+    if curves:
+        ax.legend()
+    return fig

@@ -1,0 +1,263 @@
+"""Tests for rayprune.robust.evaluation: per-attack correctness, the worst case, config checks."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayprune.robust.attacks import AttackConfig
+from rayprune.robust.evaluation import (
+    EVAL_ATTACKS,
+    EvalConfig,
+    robust_correct,
+    summarize,
+)
+from rayprune.robust.models import SmallCNN
+
+Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+LINF_EPS = 6 / 255  # the tiny model's PGD accuracy sits mid-range (~40-50%) here
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def blob_sampler() -> Sampler:
+    """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+
+    def sample(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gs = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 4, (n,), generator=gs)
+        x = (0.5 + 0.12 * protos[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=gs)).clamp(0, 1)
+        return x, y
+
+    return sample
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
+    """A width-8 SmallCNN after 100 Adam steps, the last 40 of them PGD-2 adversarial, in eval mode."""
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = blob_sampler(2048, 1)
+    g = torch.Generator().manual_seed(2)
+    eps = 2 / 255
+    for step in range(100):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        xb, yb = x[idx], y[idx]
+        if step >= 60:  # light adversarial training: PGD-2 from a random start
+            xa = (xb + (2 * torch.rand(xb.shape, generator=g) - 1) * eps).clamp(0, 1)
+            for _ in range(2):
+                xa.requires_grad_(True)
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)
+                xa = xa.detach() + eps / 2 * grad.sign()
+                xa = torch.min(torch.max(xa, xb - eps), xb + eps).clamp(0, 1)
+            xb = xa.detach()
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    return blob_sampler(200, 3)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _fast(**kwargs: object) -> EvalConfig:
+    """Every attack, with budgets small enough for tests."""
+    base: dict = {"eps": LINF_EPS, "pgd_steps": 10, "apgd_steps": 15, "apgd_targets": 3,
+                  "batch_size": 64}
+    return EvalConfig(**{**base, **kwargs})
+
+
+def textbook_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                          steps: int, seed: int) -> float:
+    """Accuracy under Madry et al. L-inf PGD: uniform random start, sign steps of eps/4, clip."""
+    g = torch.Generator().manual_seed(seed)
+    x_adv = (x + (2 * torch.rand(x.shape, generator=g) - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + eps / 4 * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    with torch.no_grad():
+        return (model(x_adv).argmax(dim=1) == y).float().mean().item()
+
+
+# ------------------------------------------------------------------ robust_correct
+
+
+def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, test_batch: tuple) -> None:
+    x, y = test_batch
+    correct = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(0))
+    assert set(correct) == {*EVAL_ATTACKS, "worst"}
+    for value in correct.values():
+        assert isinstance(value, np.ndarray) and value.dtype == bool and value.shape == (len(x),)
+    expected_worst = np.ones(len(x), dtype=bool)
+    for name in EVAL_ATTACKS:
+        expected_worst &= correct[name]
+    np.testing.assert_array_equal(correct["worst"], expected_worst)
+    with torch.no_grad():
+        clean = (trained_cnn(x).argmax(dim=1) == y).numpy()
+    np.testing.assert_array_equal(correct["clean"], clean)
+    for name in EVAL_ATTACKS:  # no attack "repairs" a clean-misclassified sample
+        assert not (correct[name] & ~clean).any()
+
+    summary = summarize(correct)
+    assert summary["n"] == len(x)
+    assert summary["clean"] == pytest.approx(clean.mean())
+    for name, value in correct.items():
+        assert summary[name] == pytest.approx(value.mean())
+    assert summary["worst"] <= min(summary[name] for name in EVAL_ATTACKS)
+    assert summary["clean"] - summary["worst"] > 0.2  # the attacks do something here
+
+
+def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, test_batch: tuple) -> None:
+    x, y = test_batch
+    textbook = textbook_pgd_accuracy(trained_cnn, x, y, LINF_EPS, steps=20, seed=11)
+    correct = robust_correct(trained_cnn, x, y, _fast(pgd_steps=20), generator=_gen(1))
+    summary = summarize(correct)
+    assert 0.15 < textbook < summary["clean"] - 0.2  # a mid-range regime, not a trivial one
+    assert summary["worst"] <= textbook
+    assert summary["apgd_ce"] <= textbook + 0.02
+    assert summary["pgd_ce"] == pytest.approx(textbook, abs=0.05)  # same attack, other random start
+
+
+def test_standard_budget_on_small_batch(trained_cnn: nn.Module, test_batch: tuple) -> None:
+    x, y = test_batch
+    x, y = x[:64], y[:64]
+    config = EvalConfig.standard("linf", LINF_EPS, batch_size=32)
+    summary = summarize(robust_correct(trained_cnn, x, y, config, generator=_gen(2)))
+    assert summary["n"] == 64
+    assert summary["worst"] <= textbook_pgd_accuracy(trained_cnn, x, y, LINF_EPS, steps=20, seed=11)
+
+
+def test_per_attack_result_independent_of_other_attacks(trained_cnn: nn.Module,
+                                                        test_batch: tuple) -> None:
+    """Each attack's array is what that attack alone gives (every attack sees every
+    clean-correct sample), so dropping other attacks from the config changes nothing."""
+    x, y = test_batch
+    x, y = x[:100], y[:100]
+    full = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(3))
+    for name in ("pgd_cw", "apgd_t"):
+        alone = robust_correct(trained_cnn, x, y, _fast(attacks=(name,)), generator=_gen(3))
+        assert set(alone) == {name, "worst"}
+        np.testing.assert_array_equal(alone[name], full[name])
+        np.testing.assert_array_equal(alone["worst"], full[name])
+
+
+def test_clean_only_is_batch_size_invariant(trained_cnn: nn.Module, test_batch: tuple) -> None:
+    x, y = test_batch
+    one = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=7))
+    two = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=500))
+    np.testing.assert_array_equal(one["clean"], two["clean"])
+    np.testing.assert_array_equal(one["worst"], one["clean"])
+
+
+def test_modes_inputs_and_grads_untouched(trained_cnn: nn.Module, test_batch: tuple) -> None:
+    x, y = test_batch
+    x, y = x[:40], y[:40]
+    model = copy.deepcopy(trained_cnn).train()
+    model.body[1].eval()  # mixed modes must come back exactly
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x_before = x.clone()
+    correct = robust_correct(model, x, y, _fast(batch_size=16), generator=_gen(4))
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():  # eval mode: BN running stats not updated
+        assert torch.equal(value, state[key]), key
+    assert torch.equal(x, x_before)
+    # Evaluated in eval mode: same clean result as the eval-mode fixture.
+    with torch.no_grad():
+        np.testing.assert_array_equal(correct["clean"], (trained_cnn(x).argmax(dim=1) == y).numpy())
+
+
+def test_robust_correct_rejects_bad_inputs(trained_cnn: nn.Module) -> None:
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match="EvalConfig"):
+        robust_correct(trained_cnn, x, y, AttackConfig("linf", 0.03, 0.01, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="y must"):
+        robust_correct(trained_cnn, x, y[:3], _fast())
+
+
+# ------------------------------------------------------------------------- summarize
+
+
+def test_summarize_by_hand() -> None:
+    correct = {"clean": np.array([True, True, False, True]),
+               "pgd_ce": np.array([True, False, False, False]),
+               "worst": np.array([True, False, False, False])}
+    assert summarize(correct) == {"clean": 0.75, "pgd_ce": 0.25, "worst": 0.25, "n": 4}
+    empty = summarize({"clean": np.zeros(0, dtype=bool)})
+    assert empty["n"] == 0 and np.isnan(empty["clean"])
+    with pytest.raises(ValueError, match="equal lengths"):
+        summarize({"clean": np.ones(3, dtype=bool), "worst": np.ones(2, dtype=bool)})
+
+
+# ------------------------------------------------------------------------ EvalConfig
+
+
+def test_defaults_and_standard_preset() -> None:
+    default = EvalConfig()
+    assert (default.norm, default.eps, default.pgd_steps, default.pgd_step_size, default.apgd_steps,
+            default.apgd_targets, default.apgd_restarts, default.batch_size, default.attacks) == (
+        "linf", 8 / 255, 20, None, 100, 9, 1, 256, ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t"))
+    assert default.step_size == pytest.approx(2 / 255)
+    assert EvalConfig(pgd_step_size=0.01).step_size == 0.01
+    std = EvalConfig.standard("l2", 0.5)
+    assert (std.norm, std.eps, std.pgd_steps, std.step_size, std.apgd_steps, std.apgd_targets,
+            std.apgd_restarts, std.attacks) == ("l2", 0.5, 20, 0.125, 100, 9, 1, EVAL_ATTACKS)
+    cw = std.pgd_config("cw")
+    assert (cw.norm, cw.eps, cw.step_size, cw.steps, cw.loss, cw.random_start) == (
+        "l2", 0.5, 0.125, 20, "cw", True)
+    assert EvalConfig(attacks=["apgd_t", "clean"]).attacks == ("apgd_t", "clean")  # list -> tuple
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"norm": "l1"}, "norm"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": float("nan")}, "eps"),
+        ({"pgd_steps": 0}, "pgd_steps"),
+        ({"pgd_step_size": -1.0}, "pgd_step_size"),
+        ({"apgd_steps": 1.5}, "apgd_steps"),
+        ({"apgd_targets": 0}, "apgd_targets"),
+        ({"apgd_restarts": True}, "apgd_restarts"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"attacks": ()}, "attacks"),
+        ({"attacks": "clean"}, "attacks"),
+        ({"attacks": ("clean", "clean")}, "attacks"),
+    ],
+)
+def test_eval_config_validation(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EvalConfig(**kwargs)
+
+
+def test_unknown_attack_lists_allowed_names() -> None:
+    with pytest.raises(ValueError, match="fab_t") as info:
+        EvalConfig(attacks=("clean", "fab_t"))
+    for name in EVAL_ATTACKS:
+        assert name in str(info.value)
