@@ -67,6 +67,13 @@ def format_summary(summary) -> str:
         f"  embedded on      {len(summary.embedded_rows_per_node)} node(s): "
         + ", ".join(f"{node[:8]}={rows}" for node, rows in summary.embedded_rows_per_node.items()),
     ]
+    q = summary.extrapolation_quality
+    if q:
+        lines.append(f"  probe quality    {q['probe_n']} held-out scored samples, k={q['k']} {q['weighting']} {q['metric']}"
+                     f"{' same-label' if q['same_label'] else ''}: Spearman {q['probe_spearman']:.3f}, "
+                     f"Pearson {q['probe_pearson']:.3f}, kept overlap {q['probe_kept_overlap']:.3f}")
+        lines.append("                   (how well neighbours predict the subset run's own scores, not whether those"
+                     " agree with a full-pool run)")
     if summary.robust_metrics:
         m = summary.robust_metrics
         lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, {summary.final_training_steps} steps; "
@@ -78,6 +85,7 @@ def format_summary(summary) -> str:
     if summary.compute:
         lines.append("  compute (sample-gradient steps)   spent / whole pool")
         lines += [f"    {name:<18} {c['spent']:>14,} / {c['whole_pool']:,}" for name, c in summary.compute.items()]
+    lines += [f"  WARNING          {w}" for w in summary.warnings]
     lines.append("  stage wall time (s):")
     lines += [f"    {stage:<14} {seconds:8.1f}" for stage, seconds in summary.stage_seconds.items()]
     lines.append(f"  outputs          {summary.output_dir}")

@@ -164,13 +164,24 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class ExtrapolationSettings:
+    """kNN extrapolation. ``probe_fraction`` of the scored subset is held out as a probe
+    (not used as neighbours) to measure extrapolation quality; ``auto`` picks the
+    variant (k, weighting, metric, same_label) with the best probe Spearman correlation.
+    """
+
     k: int = 12
     weighting: str = "uniform"
     metric: str = "euclidean"
     method: str = "exact"
     same_label: bool = False
+    probe_fraction: float = 0.1
+    auto: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.probe_fraction < 1.0:
+            raise ConfigError(f"extrapolation.probe_fraction must be in [0, 1); got {self.probe_fraction}")
+        if self.auto and self.probe_fraction == 0:
+            raise ConfigError("extrapolation.auto needs a probe: set extrapolation.probe_fraction > 0")
         if self.k < 1:
             raise ConfigError(f"extrapolation.k must be >= 1; got {self.k}")
         _wrap(check_choice, self.weighting, "extrapolation.weighting", WEIGHTINGS)
@@ -196,9 +207,11 @@ class SelectionConfig:
 class FinalConfig:
     """The robust model: adversarial training on the pruned pool (skip with enabled=false).
 
-    ``train`` is the same recipe as the scoring run's; its ``steps_per_epoch`` = 0 here
-    means one pass over the *pruned* pool per epoch, so pruning saves compute in
-    proportion. ``synthetic_fraction`` of each batch comes from the prunable sources
+    ``train`` is the same recipe as the scoring run's, and its budget is explicit:
+    ``steps_per_epoch`` = 0 means one pass over the real (non-prunable) samples per
+    epoch, as in the paper, whatever the pruned pool's size; the manifest compares the
+    steps spent with a whole-pool run (one pass over the unpruned pool per epoch).
+    ``synthetic_fraction`` of each batch comes from the prunable sources
     (the paper uses 0.8); -1 samples uniformly from the pruned pool. ``val_size`` real
     samples (the lowest ids) are held out for validation and early stopping on the EMA
     model's robust accuracy (PGD-``val_attack_steps`` with the CW loss).

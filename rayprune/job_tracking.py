@@ -103,3 +103,20 @@ def register_final_model(tracker, config: JobConfig, model_file: Path, num_class
         model, name=name, input_example=example,
         metric_name="robust_accuracy", metric_value=float(metrics["worst"]), tags=tags,
     )
+
+
+def log_probe(tracker, quality: dict, probe_file: Path | None) -> None:
+    """Probe quality of the chosen variant (metrics), all variants (JSON) and a scatter plot."""
+    if not quality.get("chosen"):
+        return
+    import pyarrow.parquet as pq
+
+    from rayprune.tracking import figure_scatter
+
+    tracker.log_metrics({k: v for k, v in quality["chosen"].items() if k.startswith("probe_")})
+    tracker.log_dict(quality, "extrapolation_quality.json")
+    if probe_file is not None:
+        probe = pq.read_table(probe_file)
+        tracker.log_figure(figure_scatter(probe["measured"].to_numpy(), probe["extrapolated"].to_numpy(),
+                                          "measured score", "extrapolated score",
+                                          "probe: extrapolated vs measured"), "probe_scatter.png")

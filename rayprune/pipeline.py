@@ -37,6 +37,8 @@ class RunSummary:
     robust_metrics: dict[str, float] = field(default_factory=dict)
     random_baseline_metrics: dict[str, float] = field(default_factory=dict)
     registered_version: int | None = None
+    extrapolation_quality: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     compute: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     embedded_rows_per_node: dict[str, int] = field(default_factory=dict)
@@ -62,19 +64,37 @@ def compute_budget(config: JobConfig, scoring_steps: int, n_prunable: int, n_sub
     An attack of k steps costs k+1 passes per training sample; a recording pass costs k
     attack steps plus two forward passes per sample. "whole_pool" is the same recipe
     without extrapolation (every prunable sample recorded every epoch) and without
-    pruning (one pass over the unpruned pool per final epoch, unless steps are fixed).
+    pruning (one pass over the unpruned pool per final epoch: the data-proportional run
+    that pruning is meant to make cheaper).
     """
     k = config.attack.steps
     scoring_train = scoring_steps * config.train.batch_size * (k + 1)
     recording = config.train.epochs * (k + 2)
     ft = config.final.train
-    final_full = ft.epochs * (ft.steps_per_epoch or math.ceil(n_pool_train / ft.batch_size)) * ft.batch_size * (k + 1)
+    final_full = ft.epochs * math.ceil(n_pool_train / ft.batch_size) * ft.batch_size * (k + 1)
     return {
         "scoring_training": {"spent": scoring_train, "whole_pool": scoring_train},
         "scoring_recording": {"spent": recording * n_subset, "whole_pool": recording * n_prunable},
         "final_training": {"spent": final_steps * ft.batch_size * (k + 1),
                            "whole_pool": final_full if config.final.enabled else 0},
     }
+
+
+def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: int | None) -> str | None:
+    """A warning when the scoring run saw far fewer samples than the final training.
+
+    Scores from a run with too small a step budget can disagree with full-run scores
+    while the probe still looks healthy (method.md): the probe cannot catch this.
+    """
+    if not final_steps:
+        return None
+    scoring = scoring_steps * config.train.batch_size
+    final = final_steps * config.final.train.batch_size
+    if scoring >= 0.5 * final:
+        return None
+    return (f"the scoring run trained on {scoring:,} samples, {scoring / final:.0%} of the final training's "
+            f"{final:,}: scores from a short scoring run can disagree with a full run even when the probe "
+            f"correlation looks fine; raise train.epochs or train.steps_per_epoch")
 
 
 def run_pipeline(config: JobConfig) -> RunSummary:
@@ -121,6 +141,7 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     with _stage(summary, tracker, "extrapolate"):
         extrap = run_extrapolate(config, pool, split, score, root, plan)
         jt.log_scores(tracker, extrap.scores_dir)
+        jt.log_probe(tracker, extrap.quality, extrap.probe_file)
     with _stage(summary, tracker, "select"):
         selected = run_select(config, pool, extrap, root)
         from rayprune.data.pool import read_pool_info
@@ -171,6 +192,11 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         pool.info.num_rows - (final.n_val if final else 0), final.training_steps if final else 0,
     )
     summary.embedded_rows_per_node = extrap.rows_per_node
+    summary.extrapolation_quality = extrap.quality.get("chosen") or {}
+    budget_warning = scoring_budget_warning(config, score.training_steps, final.training_steps if final else None)
+    if budget_warning:
+        logger.warning(budget_warning)
+        summary.warnings.append(budget_warning)
     summary.outputs.update({
         "pool": str(pool.path),
         "scores": str(extrap.scores_dir),

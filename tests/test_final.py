@@ -43,4 +43,5 @@ def test_compute_budget_counts_passes_per_sample():
     assert budget["scoring_training"] == {"spent": 60 * 10 * 4, "whole_pool": 60 * 10 * 4}
     assert budget["scoring_recording"] == {"spent": 12 * 5 * 100, "whole_pool": 12 * 5 * 1000}
     assert budget["final_training"] == {"spent": 40 * 10 * 4, "whole_pool": 4 * 200 * 10 * 4}
-    assert final_steps_per_epoch(config, 95) == 10
+    assert final_steps_per_epoch(config, n_real=95, n_train=1000) == 10  # sized by the real part
+    assert final_steps_per_epoch(config, n_real=0, n_train=1000) == 100  # no real part: the pool

@@ -85,8 +85,10 @@ def test_pruned_pool_rows_are_identical_to_input_rows(job):
 
 def test_extrapolated_scores_match_brute_force_from_saved_embeddings(job):
     refs = pq.read_table(job["summary"].outputs["subset_embeddings"])
-    ref_emb = np.stack(refs["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    ref_scores = refs["score"].to_numpy()
+    probe_ids = pq.read_table(job["out"] / "extrapolate" / "probe.parquet")["id"].to_numpy()
+    neighbours = ~np.isin(refs["id"].to_numpy(), probe_ids)  # the probe is not used as neighbours
+    ref_emb = np.stack(refs["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)[neighbours]
+    ref_scores = refs["score"].to_numpy()[neighbours]
     model = model_from_config(job["config"], 3, 3)
     model.load_state_dict(torch.load(job["summary"].outputs["subset_model"], weights_only=True))
     model.eval()
@@ -192,3 +194,30 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
         logits = loaded.eval()(to_float_images(decode_images(test["image"], (8, 8, 3))))
     clean = (logits.argmax(1).numpy() == test["label"].to_numpy()).mean()
     assert clean == pytest.approx(children["evaluate"].data.metrics["test_clean"])
+
+
+def test_probe_quality_report_matches_direct_computation(job):
+    from scipy import stats
+
+    refs = pq.read_table(job["summary"].outputs["subset_embeddings"]).to_pandas().set_index("id")
+    probe = pq.read_table(job["out"] / "extrapolate" / "probe.parquet").to_pandas()
+    assert len(probe) == 9  # 10% of the 90 scored samples
+    np.testing.assert_allclose(probe["measured"], refs.loc[probe["id"], "score"])
+    # The probe's extrapolated scores: k=5 uniform neighbours among the other 81 references.
+    others = refs.drop(index=probe["id"])
+    emb = np.stack(others["embedding"].to_numpy()).astype(np.float64)
+    q = np.stack(refs.loc[probe["id"], "embedding"].to_numpy()).astype(np.float64)
+    nearest = np.argsort(((q[:, None] - emb[None]) ** 2).sum(-1), axis=1)[:, :5]
+    np.testing.assert_allclose(probe["extrapolated"], others["score"].to_numpy()[nearest].mean(1), rtol=1e-5)
+    chosen = json.loads((job["out"] / "extrapolate" / "quality.json").read_text())["chosen"]
+    assert chosen["probe_spearman"] == pytest.approx(stats.spearmanr(probe["measured"], probe["extrapolated"])[0])
+    assert chosen["probe_pearson"] == pytest.approx(stats.pearsonr(probe["measured"], probe["extrapolated"])[0])
+    k = round(0.4 * 9)
+    top_m = set(probe.nlargest(k, "measured").index)
+    top_e = set(probe.nlargest(k, "extrapolated").index)
+    assert chosen["probe_kept_overlap"] == pytest.approx(len(top_m & top_e) / k)
+    assert job["summary"].extrapolation_quality == chosen
+    # Probe rows keep their measured scores in the scores table.
+    table = job["scores"].set_index("id")
+    assert table.loc[probe["id"], "measured"].all()
+    np.testing.assert_allclose(table.loc[probe["id"], "score"], probe["measured"])

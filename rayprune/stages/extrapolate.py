@@ -12,6 +12,7 @@ and saved, so every extrapolated score can be recomputed by brute force afterwar
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +27,21 @@ import torch
 from rayprune.config import JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.training import to_float_images
-from rayprune.scoring.extrapolate import ExtrapolationConfig, extrapolate_scores
-from rayprune.scoring.neighbours import SearchOptions
-from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
+from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrapolate_scores
+from rayprune.scoring.neighbours import METRICS, SearchOptions
+from rayprune.scoring.quality import probe_quality, split_probe
+from rayprune.scoring.scores import SCORE_DIRECTIONS
+from rayprune.stages.common import Stage, digest, fresh_dir, swap_in, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.score import ScoreResult
-from rayprune.stages.training import load_model_file
+from rayprune.stages.training import load_model_file, write_table_atomic
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "subset_embeddings.parquet"
+QUALITY_FILE = "quality.json"
+PROBE_FILE = "probe.parquet"
 SCORES_DIR = "scores"
 
 
@@ -86,7 +91,11 @@ class Embedder:
 
 
 class Extrapolator:
-    """Ray Data actor: embeddings -> score, measured flag and neighbour distance per row."""
+    """Ray Data actor: embeddings -> score, measured flag and neighbour distance per row.
+
+    ``references`` are the neighbours (the scored subset minus the probe); ``measured``
+    holds every scored id and score, so scored rows, probe included, keep their own score.
+    """
 
     def __init__(self, references: list, extrapolation: ExtrapolationConfig, threads: int) -> None:
         torch.set_num_threads(threads)
@@ -94,16 +103,51 @@ class Extrapolator:
         self.config = extrapolation
 
     def __call__(self, batch: dict) -> dict:
+        ids = np.asarray(batch["id"])
         result = extrapolate_scores(
             self.refs["embedding"], self.refs["score"], np.asarray(batch["embedding"], dtype=np.float32), self.config,
-            reference_ids=self.refs["id"], query_ids=batch["id"],
             reference_labels=self.refs["label"], query_labels=batch["label"],
         )
-        return {
-            "id": batch["id"], "label": batch["label"], "source": batch["source"],
-            "score": result.scores, "measured": result.measured,
-            "neighbour_distance": result.neighbour_distance.astype(np.float64),
-        }
+        scores, distance = result.scores.copy(), result.neighbour_distance.astype(np.float64)
+        measured_ids, measured_scores = self.refs["measured_id"], self.refs["measured_score"]
+        pos = np.searchsorted(measured_ids, ids).clip(0, len(measured_ids) - 1)
+        measured = measured_ids[pos] == ids
+        scores[measured], distance[measured] = measured_scores[pos[measured]], 0.0
+        return {"id": ids, "label": batch["label"], "source": batch["source"],
+                "score": scores, "measured": measured, "neighbour_distance": distance}
+
+
+def _variant_config(config: JobConfig, k: int, weighting: str, metric: str, same_label: bool) -> ExtrapolationConfig:
+    return ExtrapolationConfig(k=k, weighting=weighting, same_label=same_label,
+                               search=SearchOptions(metric=metric, method=config.extrapolation.method))
+
+
+def compare_variants(config: JobConfig, refs: dict, probe: np.ndarray) -> list[dict]:
+    """Probe quality of the configured variant and of a small grid around it.
+
+    The first entry is the configured variant. Variants whose k exceeds what the
+    references (or, with same_label, the smallest class among them) allow are skipped.
+    """
+    e = config.extrapolation
+    higher = SCORE_DIRECTIONS[config.scoring.score]
+    neighbours = {k: v[~probe] for k, v in refs.items()}
+    smallest_class = int(np.unique(neighbours["label"], return_counts=True)[1].min())
+    grid = [(e.k, e.weighting, e.metric, e.same_label)] + [
+        (k, w, m, sl) for k in sorted({5, e.k, 25}) for w in WEIGHTINGS for m in METRICS for sl in (False, True)
+    ]
+    results, seen = [], set()
+    for k, w, m, sl in grid:
+        if (k, w, m, sl) in seen or k > (smallest_class if sl else len(neighbours["id"])):
+            continue
+        seen.add((k, w, m, sl))
+        result = extrapolate_scores(
+            neighbours["embedding"], neighbours["score"], refs["embedding"][probe], _variant_config(config, k, w, m, sl),
+            reference_labels=neighbours["label"], query_labels=refs["label"][probe],
+        )
+        quality = probe_quality(refs["score"][probe], result.scores, config.selection.keep_fraction, higher)
+        results.append({"k": k, "weighting": w, "metric": m, "same_label": sl, **quality.as_dict(),
+                        "_extrapolated": result.scores})
+    return results
 
 
 @dataclass(frozen=True)
@@ -111,6 +155,8 @@ class ExtrapolateResult:
     scores_dir: Path
     reference_file: Path
     rows_per_node: dict[str, int]
+    quality: dict
+    probe_file: Path | None
     digest: str
 
 
@@ -174,12 +220,32 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         refs_table = embed_references(config, pool, split, score, plan)
         pq.write_table(refs_table, ref_file)
         refs = read_references(ref_file)
-        if config.extrapolation.k > len(refs["id"]):
+        probe = split_probe(len(refs["id"]), config.extrapolation.probe_fraction, config.split.seed)
+        if config.extrapolation.k > int((~probe).sum()):
             raise ValueError(
-                f"extrapolation.k={config.extrapolation.k} exceeds the {len(refs['id'])} scored samples; "
-                f"lower k or raise split.subset_fraction"
+                f"extrapolation.k={config.extrapolation.k} exceeds the {int((~probe).sum())} scored samples used as "
+                f"neighbours; lower k, raise split.subset_fraction or lower extrapolation.probe_fraction"
             )
-        refs_ref = ray.put(refs)
+        chosen = extrapolation_config(config)
+        quality = {"probe_n": 0, "variants": [], "chosen": None}
+        if probe.any():
+            variants = compare_variants(config, refs, probe)
+            best = max(variants, key=lambda v: -np.inf if np.isnan(v["probe_spearman"]) else v["probe_spearman"])
+            pick = best if config.extrapolation.auto else variants[0]
+            chosen = _variant_config(config, pick["k"], pick["weighting"], pick["metric"], pick["same_label"])
+            write_table_atomic(pa.table({"id": refs["id"][probe], "measured": refs["score"][probe],
+                                         "extrapolated": pick["_extrapolated"]}), stage.dir / PROBE_FILE)
+            strip = lambda v: {k: x for k, x in v.items() if not k.startswith("_")}  # noqa: E731
+            quality = {"probe_n": int(probe.sum()), "variants": [strip(v) for v in variants],
+                       "chosen": strip(pick), "auto": config.extrapolation.auto}
+            c = quality["chosen"]
+            logger.info("extrapolation quality on a probe of %d scored samples (k=%d, %s, %s, same_label=%s): "
+                        "Spearman %.3f, Pearson %.3f, kept overlap %.3f", c["probe_n"], c["k"], c["weighting"],
+                        c["metric"], c["same_label"], c["probe_spearman"], c["probe_pearson"], c["probe_kept_overlap"])
+        write_json_atomic(stage.dir / QUALITY_FILE, quality)
+        neighbours = {k: v[~probe] for k, v in refs.items()}
+        neighbours.update(measured_id=refs["id"], measured_score=refs["score"])
+        refs_ref = ray.put(neighbours)
         tally = NodeTally.remote()
         tmp = fresh_dir(stage.dir / ".scores.partial")
         logger.info("embedding and scoring %d pool rows (%d embed + %d extrapolate actors)",
@@ -193,7 +259,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
             .map_batches(Embedder, fn_constructor_kwargs=_embedder_kwargs(config, pool, score, plan, tally),
                          batch_size=config.ray.inference_batch_size, **_embed_map_args(plan, plan.embed_actors))
             .map_batches(Extrapolator,
-                         fn_constructor_kwargs={"references": [refs_ref], "extrapolation": extrapolation_config(config),
+                         fn_constructor_kwargs={"references": [refs_ref], "extrapolation": chosen,
                                                 "threads": plan.threads(plan.extrapolate_cpus_per_actor)},
                          compute=ray.data.ActorPoolStrategy(size=plan.extrapolate_actors),
                          num_cpus=plan.extrapolate_cpus_per_actor, batch_size=config.ray.inference_batch_size * 4,
@@ -207,4 +273,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
             raise RuntimeError(f"extrapolate: wrote {written} score rows for a pool of {pool.info.num_rows}")
         swap_in(tmp, scores_dir)
         record = stage.commit({"rows": written, "rows_per_node": rows_per_node})
-    return ExtrapolateResult(scores_dir, ref_file, record["outputs"]["rows_per_node"], stage.input_digest)
+    quality = json.loads((stage.dir / QUALITY_FILE).read_text())
+    probe_file = stage.dir / PROBE_FILE
+    return ExtrapolateResult(scores_dir, ref_file, record["outputs"]["rows_per_node"], quality,
+                             probe_file if probe_file.exists() else None, stage.input_digest)

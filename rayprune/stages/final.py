@@ -75,9 +75,12 @@ def split_train_val(ids: np.ndarray, sources: np.ndarray, prunable_sources, val_
     return train, val
 
 
-def final_steps_per_epoch(config: JobConfig, n_train: int) -> int:
-    """As set, or one pass over the pruned training pool per epoch."""
-    return config.final.train.steps_per_epoch or max(1, math.ceil(n_train / config.final.train.batch_size))
+def final_steps_per_epoch(config: JobConfig, n_real: int, n_train: int) -> int:
+    """As set, or one pass over the real (non-prunable) samples: a budget fixed by the
+    real data, as in the paper, not a side effect of how much synthetic data survived.
+    Without a real part, one pass over the training pool."""
+    basis = n_real if n_real > 0 else n_train
+    return config.final.train.steps_per_epoch or max(1, math.ceil(basis / config.final.train.batch_size))
 
 
 def _val_robust_accuracy(model, images, labels, attack, batch_size, seed) -> float:
@@ -183,7 +186,8 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, select_digest
     files = pool_files(pruned_pool, info)
     ids, sources = read_ids_and_sources(files)
     train_ids, val_ids = split_train_val(ids, sources, config.pool.prunable_sources, config.final.val_size)
-    per_epoch = final_steps_per_epoch(config, len(train_ids))
+    n_real = int((~np.isin(sources, list(config.pool.prunable_sources))).sum()) - len(val_ids)
+    per_epoch = final_steps_per_epoch(config, max(0, n_real), len(train_ids))
     relevant = {"final": to_dict(config.final), "model": to_dict(config.model), "attack": to_dict(config.attack)}
     stage = Stage(name, root, digest(select_digest, relevant, plan.train_workers))
     model_file, history_file = stage.dir / MODEL_FILE, stage.dir / HISTORY_FILE
