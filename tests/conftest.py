@@ -106,3 +106,45 @@ def mlflow_server(tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+
+
+@pytest.fixture(scope="module")
+def blob_sampler():
+    """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise.
+
+    Returns ``sample(n, seed) -> (x, y)``; attack tests train tiny models on it.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+
+    def sample(n: int, seed: int):
+        gs = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 4, (n,), generator=gs)
+        x = (0.5 + 0.12 * protos[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=gs)).clamp(0, 1)
+        return x, y
+
+    return sample
+
+
+def fit_small_cnn(sampler, n_samples: int, steps: int):
+    """A width-8 SmallCNN after ``steps`` Adam steps on ``sampler`` data, in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from rayprune.robust.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = sampler(n_samples, 1)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()

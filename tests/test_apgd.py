@@ -20,6 +20,8 @@ from rayprune.robust.apgd import (
     dlr_loss,
     dlr_targeted_loss,
 )
+from conftest import fit_small_cnn
+
 from rayprune.robust.models import SmallCNN
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -34,40 +36,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def blob_sampler() -> Sampler:
-    """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise."""
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-
-    def sample(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gs = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 4, (n,), generator=gs)
-        x = (0.5 + 0.12 * protos[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=gs)).clamp(0, 1)
-        return x, y
-
-    return sample
-
-
-@pytest.fixture(scope="module")
 def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     """A width-8 SmallCNN after 100 Adam steps (~97% clean accuracy), in eval mode."""
-    torch.manual_seed(0)
-    model = SmallCNN(num_classes=4, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = blob_sampler(2048, 1)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(100):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_small_cnn(blob_sampler, 2048, 100)
 
 
 @pytest.fixture(scope="module")
-def test_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
     return blob_sampler(256, 3)
 
 
@@ -125,8 +100,8 @@ def _assert_in_threat_model(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_apgd_ce_at_least_as_strong_as_textbook_pgd(norm: str, trained_cnn: nn.Module,
-                                                    test_batch: tuple) -> None:
-    x, y = test_batch
+                                                    sample_batch: tuple) -> None:
+    x, y = sample_batch
     eps = LINF_EPS if norm == "linf" else L2_EPS
     pgd_acc = _accuracy(trained_cnn, textbook_pgd(trained_cnn, x, y, norm, eps, eps / 4, 20, seed=5), y)
     x_adv = apgd_attack(trained_cnn, x, y, norm=norm, eps=eps, steps=20, generator=_gen(6))
@@ -136,9 +111,9 @@ def test_apgd_ce_at_least_as_strong_as_textbook_pgd(norm: str, trained_cnn: nn.M
     assert apgd_acc <= pgd_acc + 0.02
 
 
-def test_standard_budget_apgd_ce_and_apgd_t(trained_cnn: nn.Module, test_batch: tuple) -> None:
+def test_standard_budget_apgd_ce_and_apgd_t(trained_cnn: nn.Module, sample_batch: tuple) -> None:
     """AutoAttack's standard budget (100 iterations) on a small batch."""
-    x, y = test_batch
+    x, y = sample_batch
     x, y = x[:96], y[:96]
     x_pgd = textbook_pgd(trained_cnn, x, y, "linf", LINF_EPS, LINF_EPS / 4, 20, seed=5)
     pgd_acc = _accuracy(trained_cnn, x_pgd, y)
@@ -149,8 +124,8 @@ def test_standard_budget_apgd_ce_and_apgd_t(trained_cnn: nn.Module, test_batch: 
         assert _accuracy(trained_cnn, x_adv, y) <= pgd_acc + 0.02
 
 
-def test_dlr_and_targeted_reach_textbook_strength(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_dlr_and_targeted_reach_textbook_strength(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x_pgd = textbook_pgd(trained_cnn, x, y, "linf", LINF_EPS, LINF_EPS / 4, 20, seed=5)
     pgd_acc = _accuracy(trained_cnn, x_pgd, y)
     x_dlr = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=20, loss="dlr", generator=_gen(3))
@@ -159,9 +134,9 @@ def test_dlr_and_targeted_reach_textbook_strength(trained_cnn: nn.Module, test_b
     assert _accuracy(trained_cnn, x_t, y) <= pgd_acc + 0.02
 
 
-def test_more_restarts_only_break_more(trained_cnn: nn.Module, test_batch: tuple) -> None:
+def test_more_restarts_only_break_more(trained_cnn: nn.Module, sample_batch: tuple) -> None:
     """The first restart of a 3-restart run is the 1-restart run; later restarts only add."""
-    x, y = test_batch
+    x, y = sample_batch
     one = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, generator=_gen(9))
     three = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, restarts=3, generator=_gen(9))
     with torch.no_grad():
@@ -178,8 +153,8 @@ def test_more_restarts_only_break_more(trained_cnn: nn.Module, test_batch: tuple
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("variant", ["ce", "dlr", "dlr_targeted", "apgd_t"])
-def test_invariants(norm: str, variant: str, trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_invariants(norm: str, variant: str, trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:48], y[:48]
     eps = LINF_EPS if norm == "linf" else L2_EPS
     x_before = x.clone()
@@ -203,8 +178,8 @@ def test_invariants(norm: str, variant: str, trained_cnn: nn.Module, test_batch:
 
 
 def test_clean_misclassified_samples_returned_unchanged(trained_cnn: nn.Module,
-                                                        test_batch: tuple) -> None:
-    x, y = test_batch
+                                                        sample_batch: tuple) -> None:
+    x, y = sample_batch
     wrong = (y + 1) % 4  # labels the model gets wrong at x for almost every sample
     with torch.no_grad():
         miss = trained_cnn(x).argmax(dim=1) != wrong

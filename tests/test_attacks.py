@@ -13,6 +13,8 @@ from torch import nn
 
 from rayprune.robust.attacks import AttackConfig, attack_objective, l2_128_255, linf_8_255, pgd_attack
 from rayprune.robust.metrics import true_class_stats
+from conftest import fit_small_cnn
+
 from rayprune.robust.models import SmallCNN
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -28,40 +30,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def blob_sampler() -> Sampler:
-    """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise."""
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-
-    def sample(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gs = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 4, (n,), generator=gs)
-        x = (0.5 + 0.12 * protos[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=gs)).clamp(0, 1)
-        return x, y
-
-    return sample
-
-
-@pytest.fixture(scope="module")
 def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     """A SmallCNN trained for a few dozen steps (~95% clean accuracy), in eval mode."""
-    torch.manual_seed(0)
-    model = SmallCNN(num_classes=4, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = blob_sampler(1024, 1)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(50):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_small_cnn(blob_sampler, 1024, 50)
 
 
 @pytest.fixture(scope="module")
-def test_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
     return blob_sampler(256, 3)
 
 
@@ -113,8 +88,8 @@ def _error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # ------------------------------------------------------------------ textbook equality
 
 
-def test_linf_matches_textbook_loop(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_linf_matches_textbook_loop(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:64], y[:64]
     cfg = AttackConfig("linf", LINF_EPS, LINF_EPS / 4, 7, random_start=False)
     ours = pgd_attack(trained_cnn, x, y, cfg)
@@ -123,8 +98,8 @@ def test_linf_matches_textbook_loop(trained_cnn: nn.Module, test_batch: tuple) -
     assert _error_rate(trained_cnn, ours, y) > _error_rate(trained_cnn, x, y) + 0.1
 
 
-def test_l2_matches_textbook_loop(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_l2_matches_textbook_loop(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:64], y[:64]
     cfg = AttackConfig("l2", L2_EPS, L2_EPS / 4, 7, random_start=False)
     ours = pgd_attack(trained_cnn, x, y, cfg)
@@ -134,8 +109,8 @@ def test_l2_matches_textbook_loop(trained_cnn: nn.Module, test_batch: tuple) -> 
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_random_start_success_at_least_textbook(norm: str, trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_random_start_success_at_least_textbook(norm: str, trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     eps = LINF_EPS if norm == "linf" else L2_EPS
     steps, alpha = 5, eps / 3
     g = torch.Generator().manual_seed(11)
@@ -207,10 +182,10 @@ def test_l2_reaches_linear_optimum(binary_linear: tuple) -> None:
 @pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_attack_invariants(
-    trained_cnn: nn.Module, test_batch: tuple, norm: str, loss: str, mode: str
+    trained_cnn: nn.Module, sample_batch: tuple, norm: str, loss: str, mode: str
 ) -> None:
     model = _model_copy(trained_cnn).train(mode == "train")
-    x, y = test_batch
+    x, y = sample_batch
     x, y = x[:32], y[:32]
     # Push some pixels to the box edges so clamping is exercised.
     x = x.clone()
@@ -235,17 +210,17 @@ def test_attack_invariants(
     assert delta.abs().max() > 0
 
 
-def test_mixed_submodule_modes_are_left_alone(trained_cnn: nn.Module, test_batch: tuple) -> None:
+def test_mixed_submodule_modes_are_left_alone(trained_cnn: nn.Module, sample_batch: tuple) -> None:
     model = _model_copy(trained_cnn).train()
     model.body[1].eval()  # e.g. a frozen BatchNorm inside a training model
     flags = [m.training for m in model.modules()]
-    x, y = test_batch
+    x, y = sample_batch
     pgd_attack(model, x[:8], y[:8], linf_8_255(steps=2))
     assert [m.training for m in model.modules()] == flags
 
 
-def test_attack_works_under_no_grad(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_attack_works_under_no_grad(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     cfg = AttackConfig("linf", LINF_EPS, LINF_EPS / 4, 3, random_start=False)
     expected = pgd_attack(trained_cnn, x[:16], y[:16], cfg)
     with torch.no_grad():
@@ -253,8 +228,8 @@ def test_attack_works_under_no_grad(trained_cnn: nn.Module, test_batch: tuple) -
     assert torch.equal(got, expected)
 
 
-def test_generator_makes_random_start_reproducible(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_generator_makes_random_start_reproducible(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     cfg = linf_8_255(steps=2)
     a = pgd_attack(trained_cnn, x[:16], y[:16], cfg, generator=torch.Generator().manual_seed(3))
     b = pgd_attack(trained_cnn, x[:16], y[:16], cfg, generator=torch.Generator().manual_seed(3))
@@ -269,8 +244,8 @@ def test_inference_mode_is_refused(trained_cnn: nn.Module) -> None:
         pgd_attack(trained_cnn, x, y, linf_8_255(steps=1))
 
 
-def test_zero_eps_and_zero_steps(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_zero_eps_and_zero_steps(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:8], y[:8]
     out = pgd_attack(trained_cnn, x, y, AttackConfig("linf", 0.0, 0.1, 5))
     assert torch.equal(out, x) and out is not x
@@ -352,8 +327,8 @@ def test_objectives_match_hand_formulas() -> None:
         attack_objective(logits, y, "kl")
 
 
-def test_cw_attack_increases_margin_objective(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_cw_attack_increases_margin_objective(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     cfg = AttackConfig("linf", LINF_EPS, LINF_EPS / 4, 10, loss="cw", random_start=False)
     x_adv = pgd_attack(trained_cnn, x, y, cfg)
     with torch.no_grad():
@@ -364,8 +339,8 @@ def test_cw_attack_increases_margin_objective(trained_cnn: nn.Module, test_batch
     assert _error_rate(trained_cnn, x_adv, y) > _error_rate(trained_cnn, x, y) + 0.1
 
 
-def test_kl_attack_beats_random_perturbation(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_kl_attack_beats_random_perturbation(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     eps = 8 / 255
     with torch.no_grad():
         p = F.softmax(trained_cnn(x), dim=1)

@@ -31,21 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def blob_sampler() -> Sampler:
-    """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise."""
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-
-    def sample(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gs = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 4, (n,), generator=gs)
-        x = (0.5 + 0.12 * protos[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=gs)).clamp(0, 1)
-        return x, y
-
-    return sample
-
-
-@pytest.fixture(scope="module")
 def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     """A width-8 SmallCNN after 100 Adam steps, the last 40 of them PGD-2 adversarial, in eval mode."""
     torch.manual_seed(0)
@@ -74,7 +59,7 @@ def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
 
 
 @pytest.fixture(scope="module")
-def test_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
     return blob_sampler(200, 3)
 
 
@@ -106,8 +91,8 @@ def textbook_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 # ------------------------------------------------------------------ robust_correct
 
 
-def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     correct = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(0))
     assert set(correct) == {*EVAL_ATTACKS, "worst"}
     for value in correct.values():
@@ -131,8 +116,8 @@ def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, test_batch: tu
     assert summary["clean"] - summary["worst"] > 0.2  # the attacks do something here
 
 
-def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     textbook = textbook_pgd_accuracy(trained_cnn, x, y, LINF_EPS, steps=20, seed=11)
     correct = robust_correct(trained_cnn, x, y, _fast(pgd_steps=20), generator=_gen(1))
     summary = summarize(correct)
@@ -142,8 +127,8 @@ def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, test_batch: tuple) -
     assert summary["pgd_ce"] == pytest.approx(textbook, abs=0.05)  # same attack, other random start
 
 
-def test_standard_budget_on_small_batch(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_standard_budget_on_small_batch(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:64], y[:64]
     config = EvalConfig.standard("linf", LINF_EPS, batch_size=32)
     summary = summarize(robust_correct(trained_cnn, x, y, config, generator=_gen(2)))
@@ -152,10 +137,10 @@ def test_standard_budget_on_small_batch(trained_cnn: nn.Module, test_batch: tupl
 
 
 def test_per_attack_result_independent_of_other_attacks(trained_cnn: nn.Module,
-                                                        test_batch: tuple) -> None:
+                                                        sample_batch: tuple) -> None:
     """Each attack's array is what that attack alone gives (every attack sees every
     clean-correct sample), so dropping other attacks from the config changes nothing."""
-    x, y = test_batch
+    x, y = sample_batch
     x, y = x[:100], y[:100]
     full = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(3))
     for name in ("pgd_cw", "apgd_t"):
@@ -165,16 +150,16 @@ def test_per_attack_result_independent_of_other_attacks(trained_cnn: nn.Module,
         np.testing.assert_array_equal(alone["worst"], full[name])
 
 
-def test_clean_only_is_batch_size_invariant(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_clean_only_is_batch_size_invariant(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     one = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=7))
     two = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=500))
     np.testing.assert_array_equal(one["clean"], two["clean"])
     np.testing.assert_array_equal(one["worst"], one["clean"])
 
 
-def test_modes_inputs_and_grads_untouched(trained_cnn: nn.Module, test_batch: tuple) -> None:
-    x, y = test_batch
+def test_modes_inputs_and_grads_untouched(trained_cnn: nn.Module, sample_batch: tuple) -> None:
+    x, y = sample_batch
     x, y = x[:40], y[:40]
     model = copy.deepcopy(trained_cnn).train()
     model.body[1].eval()  # mixed modes must come back exactly

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "out"
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
-    config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri})
+    config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri,
+                                "final.compare_random": "true"})
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
     try:
         summary = run_pipeline(config)
@@ -108,12 +109,13 @@ def test_extrapolated_scores_match_brute_force_from_saved_embeddings(job):
 
 def test_rerun_skips_finished_stages_and_manifest(job):
     marks, marks_after = job["marks"]
-    assert len(marks) == 8 and marks == marks_after  # no stage recommitted
+    assert len(marks) == 11 and marks == marks_after  # no stage recommitted
     assert job["rerun"].kept == job["summary"].kept
     manifest = json.loads((job["out"] / "manifest.json").read_text())
     assert manifest["config"]["train"]["epochs"] == 4
     assert set(manifest["stages"]) == {"pool", "split", "score_subset", "extrapolate", "select", "final_train",
-                                       "test_pool", "evaluate"}
+                                       "test_pool", "evaluate", "random_baseline", "final_train_random",
+                                       "evaluate_random"}
     assert manifest["summary"]["training_steps"] == 12
     assert sum(manifest["summary"]["embedded_rows_per_node"].values()) == 600
     assert not list(job["out"].glob("*/.*partial"))  # no temporary directories left
@@ -159,7 +161,7 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
     assert parent.data.metrics["kept"] == job["summary"].kept
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"pool", "split", "score_subset", "extrapolate", "select", "final_train", "evaluate",
-                             "register"}
+                             "register", "random_baseline"}
     history = client.get_metric_history(children["score_subset"].info.run_id, "adv_acc")
     assert [m.step for m in history] == [0, 1, 2, 3]
     final_curve = client.get_metric_history(children["final_train"].info.run_id, "val_robust_acc")
@@ -221,3 +223,25 @@ def test_probe_quality_report_matches_direct_computation(job):
     table = job["scores"].set_index("id")
     assert table.loc[probe["id"], "measured"].all()
     np.testing.assert_allclose(table.loc[probe["id"], "score"], probe["measured"])
+
+
+def test_random_baseline_has_the_same_size_composition_and_budget(job):
+    out = job["out"]
+    chosen = read_pool_info(out / "select" / "pruned_pool")
+    random = read_pool_info(out / "random_baseline" / "pruned_pool")
+    assert random.num_rows == chosen.num_rows and random.sources == chosen.sources
+    table = pads.dataset(pool_files(out / "random_baseline" / "pruned_pool"), format="parquet").to_table()
+    pool = job["pool"]
+    real_ids = set(np.asarray(pool["id"])[np.asarray(pool["source"].to_pylist()) == "real"])
+    assert real_ids <= set(table["id"].to_pylist())  # real samples kept here too
+    syn = job["scores"][job["scores"].source == "synthetic"]
+    kept_syn = syn[syn.id.isin(table["id"].to_pylist())]
+    sizes = syn.groupby("label").size()
+    quotas = dict(zip(sizes.index, class_quotas(sizes.to_numpy(), len(kept_syn))))
+    assert kept_syn.groupby("label").size().to_dict() == quotas  # class-balanced like the selection
+    selected = set(pq.read_table(out / "select" / "kept_ids.parquet")["id"].to_pylist())
+    assert set(kept_syn.id) != selected & set(syn.id)  # a different subset
+    history = json.loads((out / "final_train_random" / "history.json").read_text())["history"]
+    assert len(history) == 2  # the same explicit budget as the final training
+    metrics = job["summary"].random_baseline_metrics
+    assert metrics["n"] == 120 and 0.0 <= metrics["worst"] <= metrics["clean"] <= 1.0
