@@ -111,3 +111,18 @@ def test_demo_pool_written_equals_generated_rows(tmp_path):
     np.testing.assert_array_equal(decode_images(table["image"], (8, 8, 3)), rows.images)
     np.testing.assert_array_equal(table["label"].to_numpy(), rows.labels)
     assert table["source"].to_pylist() == list(rows.sources)
+
+
+def test_open_pool_digest_tracks_content_facts(tmp_path):
+    from rayprune.stages.prepare import open_pool
+
+    spec = DemoPoolSpec(n_real=50, n_synthetic=150, image_size=8, num_classes=3)
+    write_demo_pool(spec, tmp_path / "p", rows_per_file=100)
+    first = open_pool(tmp_path / "p")
+    assert first.info.num_rows == 200 and len(first.files) == 2
+    assert open_pool(str(tmp_path / "p")).digest == first.digest  # stable
+    write_demo_pool(DemoPoolSpec(n_real=50, n_synthetic=150, image_size=8, num_classes=3, seed=1), tmp_path / "p",
+                    rows_per_file=100, overwrite=True)
+    assert open_pool(tmp_path / "p").digest != first.digest  # other content, other digest
+    with pytest.raises(PoolError, match="pool.json is missing"):
+        open_pool(tmp_path)

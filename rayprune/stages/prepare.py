@@ -37,14 +37,19 @@ class PoolRef:
     digest: str
 
 
+def open_pool(path: str | Path) -> PoolRef:
+    """Check an existing pool; its digest covers pool.json and the files' names and sizes."""
+    path = Path(path).resolve()
+    info = read_pool_info(path)
+    files = pool_files(path, info)
+    facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
+    return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+
+
 def run_pool(config: JobConfig, root: Path) -> PoolRef:
     """Use the pool at ``pool.path``, or generate the demo pool once into ``<root>/pool``."""
     if config.pool.path:
-        path = Path(config.pool.path).resolve()
-        info = read_pool_info(path)
-        files = pool_files(path, info)
-        facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
-        return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+        return open_pool(config.pool.path)
     stage = Stage("pool", root, digest("demo", to_dict(config.pool.demo)))
     data = stage.dir / "data"
     if stage.committed() is None:
@@ -60,11 +65,7 @@ def run_pool(config: JobConfig, root: Path) -> PoolRef:
 def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
     """The evaluation's test pool: ``evaluation.test_pool``, or the demo's test split."""
     if config.evaluation.test_pool:
-        path = Path(config.evaluation.test_pool).resolve()
-        info = read_pool_info(path)
-        files = pool_files(path, info)
-        facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
-        return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+        return open_pool(config.evaluation.test_pool)
     size = config.evaluation.demo_test_size
     stage = Stage("test_pool", root, digest("demo-test", to_dict(config.pool.demo), size))
     data = stage.dir / "data"
