@@ -64,10 +64,14 @@ def log_selection(tracker, kept_file: Path, scores_dir: Path) -> None:
     before = pads.dataset(str(scores_dir), format="parquet").to_table(columns=["label", "source"])
     after = pads.dataset(str(kept_file), format="parquet").to_table(columns=["label", "source"])
     for column in ("label", "source"):
-        count = lambda t: {str(k): int(v) for k, v in zip(*np.unique(np.asarray(t[column].to_pylist()), return_counts=True))}  # noqa: E731
-        tracker.log_figure(figure_composition(count(before), count(after), f"{column} before and after pruning"),
-                           f"composition_{column}.png")
+        tracker.log_figure(figure_composition(_counts(before, column), _counts(after, column),
+                                              f"{column} before and after pruning"), f"composition_{column}.png")
     tracker.log_artifact(kept_file)
+
+
+def _counts(table, column: str) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(table[column].to_pylist()), return_counts=True)
+    return {str(k): int(v) for k, v in zip(values, counts)}
 
 
 def log_final(tracker, history: list[dict]) -> None:

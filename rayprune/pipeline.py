@@ -117,6 +117,7 @@ def run_pipeline(config: JobConfig) -> RunSummary:
 
 def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     from rayprune import job_tracking as jt
+    from rayprune.data.pool import read_pool_info
     from rayprune.stages.evaluate import run_evaluate
     from rayprune.stages.extrapolate import run_extrapolate
     from rayprune.stages.final import run_final, write_random_pool
@@ -144,8 +145,6 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         jt.log_probe(tracker, extrap.quality, extrap.probe_file)
     with _stage(summary, tracker, "select"):
         selected = run_select(config, pool, extrap, root)
-        from rayprune.data.pool import read_pool_info
-
         jt.log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
                             selected.pruned_pool, "training")
         jt.log_selection(tracker, selected.kept_file, extrap.scores_dir)
