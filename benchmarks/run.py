@@ -1,0 +1,74 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--preset small] [--only a,b]``.
+
+Prints a markdown table of side-by-side ratios and writes every measurement as JSON.
+Presets: ``ci`` (seconds; proves the scripts work, numbers mean little), ``small`` (a
+few minutes on a 2-core laptop; the README table) and ``full`` (the sizes the issue
+names: hours on a laptop, meant for a real machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import BenchResult, machine_info, markdown_table, write_json
+
+# Order matters only for reading the table: cheapest first.
+BENCHMARKS = ("neighbours",)
+PRESET_NAMES = ("ci", "small", "full")
+
+
+def run_suite(preset: str, only: list[str] | None = None, workdir: Path | None = None) -> list[BenchResult]:
+    """Run the chosen benchmarks in order and return their results."""
+    names = list(BENCHMARKS) if not only else only
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; allowed: {', '.join(BENCHMARKS)}")
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESET_NAMES)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rayprune-bench-", dir=workdir) as tmp:
+        for name in names:
+            module = importlib.import_module(f"benchmarks.{name}")
+            logging.getLogger(__name__).info("benchmark %s (preset %s)", name, preset)
+            start = time.perf_counter()
+            sub = Path(tmp) / name
+            sub.mkdir()
+            result = module.run(preset, sub)
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--json", default="benchmarks/results/latest.json", help="where to write the results")
+    parser.add_argument("--workdir", help="scratch directory for pools and outputs (default: system temp)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    try:
+        results = run_suite(args.preset, only, Path(args.workdir) if args.workdir else None)
+    except ValueError as exc:
+        parser.error(str(exc))
+    write_json(results, Path(args.json), args.preset)
+    machine = machine_info()
+    print(f"\nrayprune benchmarks, preset {args.preset}, on {machine['cpus']} CPU(s), {machine['platform']}, "
+          f"torch {machine['torch']}, ray {machine['ray']}\n")
+    print(markdown_table(results))
+    for res in results:
+        for note in res.notes:
+            print(f"- {res.benchmark}: {note}")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
