@@ -2,6 +2,11 @@
 
 Every config option is a flag (``--help`` lists them with their defaults); flags
 override the YAML file, which overrides the defaults.
+
+Bad input (an unknown flag or config key, a bad value, a bad pool or checkpoint, also
+when it surfaces inside a Ray task or training worker) prints one line,
+``rayprune: error: <message>``, and exits with status 2; the traceback is logged at
+DEBUG level. Anything else is a bug or an infrastructure failure and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import sys
 import typing
 
 from rayprune.config import ConfigError, JobConfig, flat_fields, load_config
+from rayprune.errors import EXIT_INPUT, one_line, user_error_message
+
+logger = logging.getLogger("rayprune")
 
 _MISSING = object()
 
@@ -24,8 +32,21 @@ def _type_name(typ) -> str:
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(typ, "VALUE")
 
 
+def fail(message: str) -> typing.NoReturn:
+    """Print ``rayprune: error: <message>`` as one line and exit with status 2."""
+    sys.stderr.write(f"rayprune: error: {one_line(message)}\n")
+    sys.exit(EXIT_INPUT)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (the usage of every option would bury them)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        fail(f"{message} (python {self.prog} --help lists every option)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jobs/prune.py",
         description="Prune an image pool for adversarial training: score a subset, extrapolate, select.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -51,8 +72,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Nam
     try:
         return load_config(args.config, overrides), args
     except ConfigError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+        fail(str(exc))
 
 
 def format_summary(summary) -> str:
@@ -98,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from rayprune.pipeline import run_pipeline  # heavy imports after argument errors
 
-    summary = run_pipeline(config)
+    try:
+        summary = run_pipeline(config)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        logger.debug("the error in full", exc_info=True)
+        fail(message)
     print(format_summary(summary))  # the CLI summary is the one place print belongs
     return 0
 

@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from rayprune.data.demo_pool import DemoPoolSpec
+from rayprune.errors import InputError
 from rayprune.robust.attacks import NORMS
+from rayprune.robust.evaluation import EVAL_ATTACKS
 from rayprune.robust.loop import AT_LOSSES
 from rayprune.robust.models import MODEL_REGISTRY
 from rayprune.scoring.extrapolate import WEIGHTINGS
@@ -32,7 +34,7 @@ SIGNALS = ("adv", "clean")
 STRATEGIES = ("score", "random")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value or key that is not allowed; the message names it."""
 
 
@@ -59,6 +61,9 @@ class RayConfig:
 
     ``address``: empty = the ``RAY_ADDRESS`` environment variable if set (as under
     ``ray job submit``), else a local Ray instance started for the job.
+    ``request_cpus`` / ``request_gpus``: on an autoscaling cluster that starts with no
+    workers, ask the autoscaler for this many CPUs / GPUs (cluster totals) and wait up
+    to ``resource_wait_s`` seconds for them before sizing the job; 0 = use what is there.
     """
 
     address: str = ""
@@ -67,14 +72,19 @@ class RayConfig:
     embed_actors: int = 0
     extrapolate_actors: int = 0
     inference_batch_size: int = 512
+    request_cpus: int = 0
+    request_gpus: int = 0
+    resource_wait_s: float = 900.0
 
     def __post_init__(self) -> None:
         _wrap(check_choice, self.use_gpu, "ray.use_gpu", ("auto", "true", "false"))
-        for name in ("train_workers", "embed_actors", "extrapolate_actors"):
+        for name in ("train_workers", "embed_actors", "extrapolate_actors", "request_cpus", "request_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ray.{name} must be >= 0 (0 = size from the cluster); got {getattr(self, name)}")
         if self.inference_batch_size < 1:
             raise ConfigError(f"ray.inference_batch_size must be >= 1; got {self.inference_batch_size}")
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"ray.resource_wait_s must be >= 0 seconds; got {self.resource_wait_s}")
 
 
 @dataclass(frozen=True)
@@ -266,6 +276,12 @@ class EvaluationConfig:
                 raise ConfigError(f"evaluation.{name} must be >= 1; got {getattr(self, name)}")
         if self.actors < 0:
             raise ConfigError(f"evaluation.actors must be >= 0 (0 = size from the cluster); got {self.actors}")
+        unknown = [a for a in self.attacks if a not in EVAL_ATTACKS]
+        if unknown or not self.attacks or len(set(self.attacks)) != len(self.attacks):
+            raise ConfigError(
+                f"evaluation.attacks must name each of its attacks once, from: {', '.join(EVAL_ATTACKS)}; "
+                f"got {', '.join(self.attacks) or 'nothing'}"
+            )
 
 
 @dataclass(frozen=True)
@@ -277,6 +293,11 @@ class TrackingConfig:
     experiment: str = "rayprune"
     registered_model: str = "rayprune-robust"
     strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("experiment", "registered_model"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"tracking.{name} must be a non-empty name")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
     pool -> split -> score_subset -> extrapolate -> select -> final_train -> evaluate
                                           (optionally random_baseline -> final_train_random -> evaluate_random)
 
-Everything lives under ``output_dir``; ``manifest.json`` there is written last.
+Everything lives under ``output_dir``; ``manifest.json`` there is written last. Input
+problems raise ``InputError`` subclasses (``ConfigError``, ``PoolError``), most of them
+from the preflight, before anything starts.
 """
 
 from __future__ import annotations
@@ -98,9 +100,15 @@ def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: i
 
 
 def run_pipeline(config: JobConfig) -> RunSummary:
-    """Run the whole job on the Ray cluster the config points at (or a local one)."""
-    from rayprune.job_tracking import make_tracker
+    """Run the whole job on the Ray cluster the config points at (or a local one).
 
+    Bad input is rejected by the preflight before Ray, MLflow or the output directory
+    are touched.
+    """
+    from rayprune.job_tracking import make_tracker
+    from rayprune.preflight import preflight
+
+    preflight(config)
     root = Path(config.output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").unlink(missing_ok=True)
@@ -111,6 +119,10 @@ def run_pipeline(config: JobConfig) -> RunSummary:
     except BaseException:
         tracker.end_job("FAILED")
         raise
+    finally:
+        from rayprune.stages.resources import release_cluster
+
+        release_cluster(config.ray)
     tracker.end_job("FINISHED")
     return summary
 
@@ -122,12 +134,13 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     from rayprune.stages.extrapolate import run_extrapolate
     from rayprune.stages.final import run_final, write_random_pool
     from rayprune.stages.prepare import run_pool, run_split, run_test_pool
-    from rayprune.stages.resources import connect, plan_resources
+    from rayprune.stages.resources import connect, plan_resources, request_cluster
     from rayprune.stages.score import run_score
     from rayprune.stages.select import run_select
 
     summary = RunSummary(output_dir=str(root))
     connect(config.ray)
+    request_cluster(config.ray)
     plan = plan_resources(config.ray)
     with _stage(summary, tracker, "pool"):
         pool = run_pool(config, root)

@@ -10,6 +10,8 @@ import numbers
 
 import numpy as np
 
+from rayprune.errors import InputError
+
 
 def as_finite_array(values, name: str, dtype=np.float64) -> np.ndarray:
     """Return ``values`` as an array of ``dtype``; reject NaN and infinities."""
@@ -50,3 +52,15 @@ def check_same_length(name_a: str, a, name_b: str, b) -> None:
     """Raise if two per-sample arrays disagree in length."""
     if len(a) != len(b):
         raise ValueError(f"{name_a} and {name_b} must have the same length; got {len(a)} and {len(b)}")
+
+
+def check_finite_scores(ids, scores, where: str) -> None:
+    """Raise InputError naming the first id whose score is NaN or infinite."""
+    values = np.asarray(scores, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(
+            f"{where}: the score of id {int(np.asarray(ids)[i])} is {values[i]}; scores must be finite numbers "
+            f"({bad.size} NaN/inf score(s))"
+        )

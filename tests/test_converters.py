@@ -469,14 +469,14 @@ def test_cli_success_and_summary(tmp_path, capsys):
     assert read_pool_info(out).num_rows == 13
 
 
-def test_cli_error_is_one_line_and_exit_1(tmp_path, capsys):
+def test_cli_error_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"garbage")
     out = tmp_path / "pool"
     code = cli_main([str(out), "--npz", str(bad), "--log-level", "ERROR"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and not out.exists()
-    assert err.startswith("error: ") and "\n" not in err and str(bad) in err and "Traceback" not in err
+    assert code == 2 and not out.exists()
+    assert err.startswith("rayprune-convert: error: ") and "\n" not in err and str(bad) in err and "Traceback" not in err
 
 
 def test_cli_needs_an_input_and_has_help(tmp_path, capsys):

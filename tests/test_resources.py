@@ -2,8 +2,8 @@
 
 import pytest
 
-from rayprune.config import RayConfig
-from rayprune.stages.resources import ResourcePlan, plan_from_resources
+from rayprune.config import ConfigError, RayConfig
+from rayprune.stages.resources import ResourcePlan, plan_from_resources, wait_for_resources
 
 
 def actor_cpus(plan: ResourcePlan) -> float:
@@ -40,3 +40,39 @@ def test_explicit_settings_win_and_errors_are_clear():
         plan_from_resources(RayConfig(use_gpu="true"), 8, 0, 8)
     with pytest.raises(RuntimeError, match="no CPUs"):
         plan_from_resources(RayConfig(), 0, 0, 0)
+
+
+class FakeClock:
+    """A clock that advances only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wait_returns_once_the_autoscaler_has_added_enough():
+    clock = FakeClock()
+    # The cluster grows by 4 CPUs and 1 GPU every 10 s of (fake) time.
+    grow = lambda: {"CPU": 4.0 * (clock.now // 10), "GPU": 1.0 * (clock.now // 10)}  # noqa: E731
+    res = wait_for_resources(grow, cpus=8, gpus=2, timeout_s=60, poll_s=5, clock=clock, sleep=clock.sleep)
+    assert res == {"CPU": 8.0, "GPU": 2.0} and clock.now == 20.0
+
+
+def test_wait_times_out_naming_what_is_missing():
+    clock = FakeClock()
+    with pytest.raises(RuntimeError, match=r"1 CPU\(s\) and 0 GPU\(s\) after waiting 30 s .*request_gpus=1"):
+        wait_for_resources(lambda: {"CPU": 1.0}, cpus=1, gpus=1, timeout_s=30, poll_s=7, clock=clock,
+                           sleep=clock.sleep)
+    assert clock.now == 30.0  # the last sleep is cut to the deadline
+
+
+def test_resource_request_options_are_checked():
+    with pytest.raises(ConfigError, match="ray.request_gpus must be >= 0"):
+        RayConfig(request_gpus=-1)
+    with pytest.raises(ConfigError, match="ray.resource_wait_s"):
+        RayConfig(resource_wait_s=-5)

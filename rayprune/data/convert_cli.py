@@ -7,6 +7,7 @@ import logging
 import sys
 
 from rayprune.data.pool import PoolError
+from rayprune.errors import EXIT_INPUT, one_line
 
 DESCRIPTION = """\
 Convert image datasets into a rayprune pool: a directory of Parquet files (columns
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.folder:
             inputs.append(InputSpec("folder", args.folder, source=args.folder_source, num_classes=args.num_classes))
         info = convert(inputs, args.out_dir, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
-    except PoolError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. disk full while writing
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except PoolError as exc:  # bad input: one line, status 2 (as for bad flags and the job's input errors)
+        print(f"rayprune-convert: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as exc:  # e.g. disk full while writing: not the input's fault
+        print(f"rayprune-convert: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(format_summary(args.out_dir, info))
     return 0

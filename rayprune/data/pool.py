@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rayprune.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 POOL_META = "pool.json"
@@ -39,7 +41,7 @@ SCHEMA = pa.schema(
 )
 
 
-class PoolError(ValueError):
+class PoolError(InputError):
     """A pool or pool input that is not valid; the message names the file and row."""
 
 
@@ -89,8 +91,12 @@ def read_pool_info(path: str | Path) -> PoolInfo:
     if info.num_rows < 1:
         raise PoolError(f"{meta}: the pool is empty (num_rows = {info.num_rows})")
     for name in info.files:
-        if Path(name).name != name:
+        if Path(name).name != name or name in ("", ".", ".."):
             raise PoolError(f"{meta}: file names must be plain names inside the pool; got {name!r}")
+    if sum(info.sources.values()) != info.num_rows or min(info.sources.values(), default=0) < 0:
+        raise PoolError(
+            f"{meta}: the rows per source ({info.sources}) must add up to num_rows ({info.num_rows})"
+        )
     return info
 
 
@@ -111,21 +117,28 @@ def pool_files(path: str | Path, info: PoolInfo | None = None) -> list[str]:
     return files
 
 
-def decode_images(column, shape: tuple[int, int, int]) -> np.ndarray:
-    """Binary image column (pyarrow or numpy of bytes) -> uint8 array (n, H, W, C)."""
+def decode_images(column, shape: tuple[int, int, int], *, ids=None, origin: str = "the batch") -> np.ndarray:
+    """Binary image column (pyarrow or numpy of bytes) -> uint8 array (n, H, W, C).
+
+    An image of the wrong byte length is a PoolError naming its id (when ``ids`` is
+    given) or its row within ``origin``.
+    """
     values = column.to_pylist() if isinstance(column, (pa.Array, pa.ChunkedArray)) else list(column)
     size = int(np.prod(shape))
     if not values:
         return np.empty((0, *shape), np.uint8)
     for i, v in enumerate(values):
-        if len(v) != size:
-            raise PoolError(f"row {i} of the batch: image has {len(v)} bytes; expected {size} for shape {list(shape)}")
+        if v is None or len(v) != size:
+            where = f"{origin}, id {int(np.asarray(ids)[i])}" if ids is not None else f"row {i} of {origin}"
+            if v is None:
+                raise PoolError(f"{where}: image is missing (null); expected {size} bytes for shape {list(shape)}")
+            raise PoolError(f"{where}: image has {len(v)} bytes; expected {size} for shape {list(shape)} (H, W, C uint8)")
     return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), *shape)
 
 
 def encode_images(images: np.ndarray) -> pa.Array:
     """uint8 (n, H, W, C) -> binary Arrow array, one row-major blob per image."""
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    flat = np.ascontiguousarray(images).reshape(len(images), int(np.prod(images.shape[1:])))
     return pa.array([row.tobytes() for row in flat], pa.binary())
 
 

@@ -94,9 +94,15 @@ def probe_quality(measured, extrapolated, keep_fraction: float, higher_is_better
 
 def split_probe(n: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the probe: a seeded ``fraction`` of the ``n`` scored samples (0 = none)."""
-    if fraction == 0:
-        return np.zeros(n, dtype=bool)
-    size = math.floor(check_fraction(fraction, "probe_fraction") * n + 0.5)
     mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng([seed, 7]).choice(n, size=min(size, n), replace=False)] = True
+    size = probe_size(n, fraction)
+    if size:
+        mask[np.random.default_rng([seed, 7]).choice(n, size=size, replace=False)] = True
     return mask
+
+
+def probe_size(n: int, fraction: float) -> int:
+    """How many of ``n`` scored samples :func:`split_probe` holds out."""
+    if fraction == 0:
+        return 0
+    return min(n, math.floor(check_fraction(fraction, "probe_fraction") * n + 0.5))

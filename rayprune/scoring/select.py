@@ -128,6 +128,11 @@ def select_random(
     )
 
 
+def subset_size(n_eligible: int, fraction: float) -> int:
+    """How many of ``n_eligible`` rows :func:`draw_subset` draws (rounded half up, at least one)."""
+    return max(1, math.floor(check_fraction(fraction, "fraction") * n_eligible + 0.5))
+
+
 def draw_subset(n: int, fraction: float, seed: int, eligible=None) -> np.ndarray:
     """Sorted indices of a uniform random subset (without replacement) of the eligible rows.
 
@@ -138,5 +143,5 @@ def draw_subset(n: int, fraction: float, seed: int, eligible=None) -> np.ndarray
     candidates = np.arange(n) if eligible is None else np.flatnonzero(np.asarray(eligible, dtype=bool))
     if len(candidates) == 0:
         raise ValueError("no eligible rows to draw the subset from (check the prunable sources)")
-    size = max(1, math.floor(check_fraction(fraction, "fraction") * len(candidates) + 0.5))
+    size = subset_size(len(candidates), fraction)
     return np.sort(np.random.default_rng(seed).choice(candidates, size=size, replace=False))

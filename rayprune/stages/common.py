@@ -13,14 +13,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayprune.errors import InputError
+
 logger = logging.getLogger(__name__)
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
 STARTED = "_STARTED.json"
 COMMITTED = "_COMMITTED.json"
 
@@ -49,7 +53,7 @@ class Stage:
 
     @property
     def dir(self) -> Path:
-        return self.root / self.name
+        return output_path(self.root, self.name)
 
     def committed(self) -> dict | None:
         """The commit record if this stage finished with the same inputs, else None."""
@@ -86,6 +90,20 @@ class Stage:
         }
         write_json_atomic(self.dir / COMMITTED, record)
         return record
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """``name`` if it is safe as one path component (no separators, no leading dot, no ``..``)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise InputError(f"{what} {name!r} cannot be used as a file name under the output directory: "
+                         "allowed are letters, digits and . _ = + - (not first), without / or ..")
+    return name
+
+
+def output_path(root: Path, *names: str) -> Path:
+    """``root/name/...`` with every name checked by :func:`safe_name`, so never outside ``root``
+    (symlinks the user placed under ``root`` are followed as usual)."""
+    return Path(root).joinpath(*(safe_name(n, "output name") for n in names))
 
 
 def fresh_dir(path: Path) -> Path:

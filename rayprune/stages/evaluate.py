@@ -72,7 +72,7 @@ def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, model_diges
         stage.begin()
         table = pads.dataset(test.files, format="parquet").to_table().sort_by("id")
         ids, labels = table["id"].to_numpy(), table["label"].to_numpy()
-        images = decode_images(table["image"], test.info.image_shape)
+        images = decode_images(table["image"], test.info.image_shape, ids=ids, origin=f"test pool {test.path}")
         n_actors = config.evaluation.actors or max(1, min(len(ids) // 256 + 1, int(plan.total_cpus - plan.io_cpus) or 1))
         cpus = max(0.25, min(plan.train_cpus_per_worker, (plan.total_cpus - plan.io_cpus) / n_actors))
         actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if plan.train_use_gpu else 0)(Evaluator)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from rayprune.config import JobConfig, to_dict
+from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrapolate_scores
@@ -36,6 +36,7 @@ from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.score import ScoreResult
 from rayprune.stages.training import load_model_file, write_table_atomic
+from rayprune.validation import check_finite_scores
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class Embedder:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
-        images = to_float_images(decode_images(batch["image"], self.shape)).to(self.device)
+        pixels = decode_images(batch["image"], self.shape, ids=batch["id"], origin="pool")
+        images = to_float_images(pixels).to(self.device)
         with torch.inference_mode():
             emb = self.model.embed(images).float().cpu().numpy()
         if self.tally is not None:
@@ -122,24 +124,33 @@ def _variant_config(config: JobConfig, k: int, weighting: str, metric: str, same
                                search=SearchOptions(metric=metric, method=config.extrapolation.method))
 
 
-def compare_variants(config: JobConfig, refs: dict, probe: np.ndarray) -> list[dict]:
-    """Probe quality of the configured variant and of a small grid around it.
+def variant_grid(config: JobConfig, neighbour_labels: np.ndarray) -> list[tuple[int, str, str, bool]]:
+    """(k, weighting, metric, same_label) variants to compare: the configured one first.
 
-    The first entry is the configured variant. Variants whose k exceeds what the
-    references (or, with same_label, the smallest class among them) allow are skipped.
+    Variants whose k exceeds what the neighbours (or, with same_label, the smallest
+    class among them) allow are left out.
     """
     e = config.extrapolation
-    higher = SCORE_DIRECTIONS[config.scoring.score]
-    neighbours = {k: v[~probe] for k, v in refs.items()}
-    smallest_class = int(np.unique(neighbours["label"], return_counts=True)[1].min())
+    smallest_class = int(np.unique(neighbour_labels, return_counts=True)[1].min())
     grid = [(e.k, e.weighting, e.metric, e.same_label)] + [
         (k, w, m, sl) for k in sorted({5, e.k, 25}) for w in WEIGHTINGS for m in METRICS for sl in (False, True)
     ]
-    results, seen = [], set()
-    for k, w, m, sl in grid:
-        if (k, w, m, sl) in seen or k > (smallest_class if sl else len(neighbours["id"])):
-            continue
-        seen.add((k, w, m, sl))
+    out = []
+    for variant in grid:
+        if variant not in out and variant[0] <= (smallest_class if variant[3] else len(neighbour_labels)):
+            out.append(variant)
+    return out
+
+
+def compare_variants(config: JobConfig, refs: dict, probe: np.ndarray) -> list[dict]:
+    """Probe quality of the configured variant and of a small grid around it.
+
+    The first entry is the configured variant (see ``variant_grid``).
+    """
+    higher = SCORE_DIRECTIONS[config.scoring.score]
+    neighbours = {k: v[~probe] for k, v in refs.items()}
+    results = []
+    for k, w, m, sl in variant_grid(config, neighbours["label"]):
         result = extrapolate_scores(
             neighbours["embedding"], neighbours["score"], refs["embedding"][probe], _variant_config(config, k, w, m, sl),
             reference_labels=neighbours["label"], query_labels=refs["label"][probe],
@@ -160,29 +171,33 @@ class ExtrapolateResult:
     digest: str
 
 
-def _embedder_kwargs(config: JobConfig, pool: PoolRef, score: ScoreResult, plan: ResourcePlan, tally) -> dict:
-    return {
-        "job": to_dict(config), "model_file": str(score.model_file), "num_classes": pool.info.num_classes,
-        "image_shape": list(pool.info.image_shape), "threads": plan.threads(plan.embed_cpus_per_actor),
+def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, actors: int, tally=None,
+               rechunk: bool = False):
+    """``ds`` (pool rows) -> rows with an ``embedding`` column, on a pool of Embedder actors.
+
+    ``rechunk`` re-chunks the stream into batch-sized blocks first: Ray merges small
+    files into few blocks and a block goes to one actor, so without it a pool could be
+    embedded by a single actor on a single node.
+    """
+    size = config.ray.inference_batch_size
+    if rechunk:
+        ds = ds.repartition(target_num_rows_per_block=size)
+    kwargs = {
+        "job": to_dict(config), "model_file": str(model_file), "num_classes": info.num_classes,
+        "image_shape": list(info.image_shape), "threads": plan.threads(plan.embed_cpus_per_actor),
         "use_gpu": plan.embed_gpus_per_actor > 0, "tally": [tally] if tally is not None else None,
     }
-
-
-def _embed_map_args(plan: ResourcePlan, size: int) -> dict:
     # SPREAD places the actors on different nodes, so reads stay local and all nodes work.
-    args = {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": plan.embed_cpus_per_actor,
+    args = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": plan.embed_cpus_per_actor,
             "batch_format": "numpy", "scheduling_strategy": "SPREAD"}
     if plan.embed_gpus_per_actor:
         args["num_gpus"] = plan.embed_gpus_per_actor
-    return args
+    return ds.map_batches(Embedder, fn_constructor_kwargs=kwargs, batch_size=size, **args)
 
 
 def embed_references(config, pool, split, score, plan) -> pa.Table:
     """Embeddings of the scored subset (id, label, embedding, score), sorted by id."""
-    ds = ray.data.read_parquet(str(split.subset_dir)).map_batches(
-        Embedder, fn_constructor_kwargs=_embedder_kwargs(config, pool, score, plan, None),
-        batch_size=config.ray.inference_batch_size, **_embed_map_args(plan, 1),
-    )
+    ds = embed_rows(ray.data.read_parquet(str(split.subset_dir)), config, pool.info, score.model_file, plan, 1)
     ids, labels, embs = [], [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         ids.append(batch["id"])
@@ -210,6 +225,20 @@ def read_references(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def check_neighbour_counts(config: JobConfig, neighbour_labels: np.ndarray) -> None:
+    """``extrapolation.k`` neighbours must exist (of every class, with ``same_label``)."""
+    k, n = config.extrapolation.k, len(neighbour_labels)
+    if k > n:
+        raise ConfigError(f"extrapolation.k={k} exceeds the {n} scored samples used as neighbours; lower k, "
+                          "raise split.subset_fraction or lower extrapolation.probe_fraction")
+    if config.extrapolation.same_label:
+        classes, counts = np.unique(neighbour_labels, return_counts=True)
+        if counts.min() < k:
+            raise ConfigError(f"extrapolation.same_label needs extrapolation.k={k} scored neighbours of every class; "
+                              f"class {int(classes[counts.argmin()])} has {int(counts.min())}: lower k or turn "
+                              "same_label off")
+
+
 def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score: ScoreResult, root: Path,
                     plan: ResourcePlan) -> ExtrapolateResult:
     stage = Stage("extrapolate", root, digest(pool.digest, score.digest, to_dict(config.extrapolation)))
@@ -217,15 +246,13 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
     record = stage.committed()
     if record is None:
         stage.begin()
+        measured = pq.read_table(score.scores_file)
+        check_finite_scores(measured["id"].to_numpy(), measured["score"].to_numpy(), f"subset scores {score.scores_file}")
         refs_table = embed_references(config, pool, split, score, plan)
         pq.write_table(refs_table, ref_file)
         refs = read_references(ref_file)
         probe = split_probe(len(refs["id"]), config.extrapolation.probe_fraction, config.split.seed)
-        if config.extrapolation.k > int((~probe).sum()):
-            raise ValueError(
-                f"extrapolation.k={config.extrapolation.k} exceeds the {int((~probe).sum())} scored samples used as "
-                f"neighbours; lower k, raise split.subset_fraction or lower extrapolation.probe_fraction"
-            )
+        check_neighbour_counts(config, refs["label"][~probe])
         chosen = extrapolation_config(config)
         quality = {"probe_n": 0, "variants": [], "chosen": None}
         if probe.any():
@@ -251,13 +278,8 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         logger.info("embedding and scoring %d pool rows (%d embed + %d extrapolate actors)",
                     pool.info.num_rows, plan.embed_actors, plan.extrapolate_actors)
         (
-            ray.data.read_parquet(pool.files)
-            # Streaming re-chunk into batch-sized blocks: Ray merges small files into few
-            # blocks and a block goes to one actor, so without this a pool could be
-            # embedded by a single actor on a single node.
-            .repartition(target_num_rows_per_block=config.ray.inference_batch_size)
-            .map_batches(Embedder, fn_constructor_kwargs=_embedder_kwargs(config, pool, score, plan, tally),
-                         batch_size=config.ray.inference_batch_size, **_embed_map_args(plan, plan.embed_actors))
+            embed_rows(ray.data.read_parquet(pool.files), config, pool.info, score.model_file, plan,
+                       plan.embed_actors, tally, rechunk=True)
             .map_batches(Extrapolator,
                          fn_constructor_kwargs={"references": [refs_ref], "extrapolation": chosen,
                                                 "threads": plan.threads(plan.extrapolate_cpus_per_actor)},

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rayprune.config import JobConfig, from_dict, to_dict
+from rayprune.config import ConfigError, JobConfig, from_dict, to_dict
 from rayprune.data.pool import pool_files, read_pool_info
 from rayprune.robust.ema import ModelEMA, unwrap_model
 from rayprune.robust.loop import BatchStream, MixedBatchStream, mix_counts, train_steps
@@ -34,11 +34,14 @@ from rayprune.stages.prepare import PoolRef, read_ids_and_sources
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import (
     attack_from_config,
+    check_resumed_model,
     load_rows,
     model_from_config,
+    model_identity,
     optimizer_from_config,
     recipe_from_config,
     run_trainer,
+    save_model_file,
     shard_ids,
 )
 
@@ -71,7 +74,7 @@ def split_train_val(ids: np.ndarray, sources: np.ndarray, prunable_sources, val_
     val = np.sort(candidates)[:val_size]
     train = np.setdiff1d(ids, val)
     if len(train) == 0:
-        raise ValueError(f"final.val_size={val_size} leaves no training samples in a pool of {len(ids)}")
+        raise ConfigError(f"final.val_size={val_size} leaves no training samples in a pool of {len(ids)}")
     return train, val
 
 
@@ -136,6 +139,7 @@ def final_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+        check_resumed_model(checkpoint.path, saved.get("model_name"), saved.get("world"), config, world)
         raw.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         ema.load_state_dict(saved["ema"])
@@ -157,8 +161,8 @@ def final_loop(loop_config: dict) -> None:
         if improved or len(val_ids) == 0:
             state.update(best_acc=val_acc, best_epoch=epoch, bad_epochs=0)
             if rank == 0:
-                torch.save(ema.module.state_dict(), best_file.with_suffix(".partial"))
-                os.replace(best_file.with_suffix(".partial"), best_file)
+                identity = model_identity(config.model.name, config.model.width, loop_config["num_classes"], shape[2])
+                save_model_file(ema.module.state_dict(), best_file, identity)
         else:
             state["bad_epochs"] += 1
         metrics = {"epoch": epoch, "loss": stats["loss"], "lr": stats["lr"], "train_adv_acc": stats["adv_acc"],
@@ -172,7 +176,8 @@ def final_loop(loop_config: dict) -> None:
             ckpt = None
             if rank == 0:
                 torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                            "state": json.dumps(state)}, os.path.join(d, "state.pt"))
+                            "state": json.dumps(state), "model_name": config.model.name, "world": world},
+                           os.path.join(d, "state.pt"))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
     if rank == 0:

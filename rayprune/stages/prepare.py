@@ -127,7 +127,8 @@ def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
         keep = ray.put(subset_ids)
         (
             ray.data.read_parquet(pool.files)
-            .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [keep]}, batch_format="pyarrow",
+            .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [keep], **image_check_kwargs(pool)},
+                         batch_format="pyarrow",
                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
             .write_parquet(str(tmp))
         )
@@ -144,12 +145,35 @@ def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
     return SplitResult(subset_dir, subset_ids, out["n_pool"], out["n_prunable"], out["n_real"], stage.input_digest)
 
 
-class FilterIds:
-    """Ray Data actor: keep rows whose id is in a broadcast id array."""
+def check_image_lengths(table: pa.Table, image_shape, where: str) -> None:
+    """Every image of ``table`` has the byte length of ``image_shape``; else a PoolError naming the id."""
+    size = int(np.prod(image_shape))
+    lengths = pc.binary_length(table["image"]).fill_null(-1).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(lengths != size)
+    if bad.size:
+        i = int(bad[0])
+        got = "is missing (null)" if lengths[i] < 0 else f"has {int(lengths[i])} bytes"
+        raise PoolError(f"{where}, id {table['id'][i].as_py()}: image {got}; pool.json's image_shape "
+                        f"{list(image_shape)} needs {size} bytes (H x W x C uint8)")
 
-    def __init__(self, keep_ref: list) -> None:
+
+def image_check_kwargs(pool: PoolRef) -> dict:
+    return {"image_shape": list(pool.info.image_shape), "where": f"pool {pool.path}"}
+
+
+class FilterIds:
+    """Ray Data actor: keep rows whose id is in a broadcast id array.
+
+    Every row of the pool passes through it, so it also checks every image's byte
+    length (cheap: Arrow's length column), which the preflight only samples.
+    """
+
+    def __init__(self, keep_ref: list, image_shape: list | None = None, where: str = "pool") -> None:
         # The ref arrives wrapped in a list so Ray hands it over unresolved; get it once.
         self.keep = pa.array(ray.get(keep_ref[0]), pa.int64())
+        self.image_shape, self.where = image_shape, where
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.image_shape is not None:
+            check_image_lengths(table, self.image_shape, self.where)
         return filter_by_ids(table, self.keep)

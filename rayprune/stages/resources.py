@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -56,6 +57,55 @@ def connect(config: RayConfig) -> None:
         # Local mode: the dashboard (which also serves the state API Ray Train polls)
         # binds to loopback only.
         ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def wait_for_resources(get_resources, cpus: float, gpus: float, timeout_s: float, poll_s: float = 5.0,
+                       clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Poll ``get_resources()`` until it reports ``cpus`` CPUs and ``gpus`` GPUs; return the last report.
+
+    Raises ``RuntimeError`` naming what is missing when ``timeout_s`` passes first.
+    """
+    deadline = clock() + timeout_s
+    while True:
+        res = get_resources()
+        have_cpus, have_gpus = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+        if have_cpus >= cpus and have_gpus >= gpus:
+            return res
+        if clock() >= deadline:
+            raise RuntimeError(
+                f"the cluster has {have_cpus:g} CPU(s) and {have_gpus:g} GPU(s) after waiting {timeout_s:g} s for "
+                f"ray.request_cpus={cpus:g} and ray.request_gpus={gpus:g}: check the autoscaler (ray status, "
+                "the cluster's max_workers and instance quotas), or lower the requests or raise ray.resource_wait_s"
+            )
+        logger.info("waiting for the autoscaler: %g/%g CPUs, %g/%g GPUs", have_cpus, cpus, have_gpus, gpus)
+        sleep(min(poll_s, max(0.0, deadline - clock())))
+
+
+def request_cluster(config: RayConfig) -> None:
+    """Ask the autoscaler for ``ray.request_cpus``/``request_gpus`` and wait until they join.
+
+    Without an autoscaler (a laptop, a fixed cluster) the request has no effect and the
+    wait only succeeds if the resources are already there.
+    """
+    if not (config.request_cpus or config.request_gpus):
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    # One bundle per GPU (with a CPU to feed it) plus one per remaining CPU: the
+    # autoscaler adds the node types that can hold them.
+    gpu_bundles = [{"GPU": 1, "CPU": 1}] * config.request_gpus
+    cpu_bundles = [{"CPU": 1}] * max(0, config.request_cpus - config.request_gpus)
+    logger.info("asking the autoscaler for %d CPU(s) and %d GPU(s)", config.request_cpus, config.request_gpus)
+    request_resources(bundles=gpu_bundles + cpu_bundles)
+    wait_for_resources(ray.cluster_resources, config.request_cpus, config.request_gpus, config.resource_wait_s)
+
+
+def release_cluster(config: RayConfig) -> None:
+    """Withdraw the request made by ``request_cluster``, so idle workers can scale down."""
+    if (config.request_cpus or config.request_gpus) and ray.is_initialized():
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(num_cpus=0, bundles=[])
 
 
 def _max_node_cpus() -> float:

@@ -25,24 +25,29 @@ import pyarrow.parquet as pq
 import torch
 
 from rayprune.config import JobConfig, from_dict, to_dict
+from rayprune.errors import InputError
 from rayprune.robust.ema import unwrap_model
 from rayprune.robust.loop import BatchStream, train_steps
 from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.scores import score_from_histories
-from rayprune.stages.common import Stage, digest, write_json_atomic
+from rayprune.stages.common import Stage, digest, output_path, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import (
     attack_from_config,
+    check_resumed_model,
     load_rows,
     model_from_config,
+    model_identity,
     optimizer_from_config,
     recipe_from_config,
     run_trainer,
+    save_model_file,
     shard_ids,
     write_table_atomic,
 )
+from rayprune.validation import check_finite_scores
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +107,7 @@ def scoring_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
-        if state["world"] != world or state["model_name"] != config.model.name:
-            raise RuntimeError(
-                f"checkpoint was written by {state['world']} worker(s) for model {state['model_name']!r}; "
-                f"this run has {world} for {config.model.name!r}: use a new output_dir"
-            )
+        check_resumed_model(checkpoint.path, state.get("model_name"), state.get("world"), config, world)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -141,9 +142,8 @@ def scoring_loop(loop_config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
     if rank == 0:
-        tmp = Path(loop_config["model_file"] + ".partial")
-        torch.save(raw.state_dict(), tmp)
-        os.replace(tmp, loop_config["model_file"])
+        identity = model_identity(config.model.name, config.model.width, loop_config["num_classes"], image_shape[2])
+        save_model_file(raw.state_dict(), loop_config["model_file"], identity)
 
 
 def read_epoch_metrics(records_dir: Path, epochs: int) -> list[dict]:
@@ -181,10 +181,19 @@ def assemble_scores(config: JobConfig, records_dir: Path, world: int, epochs: in
             if not np.array_equal(t["id"].to_numpy(), ids):
                 raise RuntimeError(f"record of epoch {epoch}, shard {rank} holds different ids than epoch 0")
         hist = {f: np.stack([t[f].to_numpy() for t in tables]) for f in (f"p_{sig}", f"margin_{sig}", f"l2_error_{sig}")}
+        for name, values in hist.items():
+            bad = np.argwhere(~np.isfinite(values))
+            if len(bad):
+                epoch, col = (int(v) for v in bad[0])
+                raise InputError(
+                    f"{record_path(records_dir, epoch, rank)}: {name} of id {int(ids[col])} is {values[epoch, col]}; "
+                    "recorded histories must be finite (the scoring run diverged: lower train.lr or check the pool)"
+                )
         scores = score_from_histories(
             config.scoring.score, hist[f"p_{sig}"], hist[f"margin_{sig}"], hist[f"l2_error_{sig}"],
             window=config.scoring.window, seed=config.split.seed + rank,
         )
+        check_finite_scores(ids, scores, f"{config.scoring.score} scores from {records_dir} (shard {rank})")
         parts.append(pa.table({"id": ids, "score": scores}))
     table = pa.concat_tables(parts).sort_by("id")
     return table
@@ -196,7 +205,8 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
     relevant = {k: to_dict(config)[k] for k in ("model", "attack", "train")}
     stage = Stage("score_subset", root, digest(split.digest, relevant, plan.train_workers))
     records_dir, model_file = stage.dir / "records", stage.dir / MODEL_FILE
-    scores_file = stage.dir / f"{config.scoring.score}-{config.scoring.signal}-w{config.scoring.window}-{SCORES_FILE}"
+    scoring = config.scoring
+    scores_file = output_path(stage.dir, f"{scoring.score}-{scoring.signal}-w{scoring.window}-{SCORES_FILE}")
     total_steps = per_epoch * config.train.epochs
     if stage.committed() is None:
         stage.begin()

@@ -23,7 +23,8 @@ from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.scoring.select import select_by_score, select_random
 from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
 from rayprune.stages.extrapolate import ExtrapolateResult
-from rayprune.stages.prepare import FilterIds, PoolRef
+from rayprune.stages.prepare import FilterIds, PoolRef, image_check_kwargs
+from rayprune.validation import check_finite_scores
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def read_scores(scores_dir: Path, n_pool: int) -> pa.Table:
     ids = table["id"].to_numpy()
     if len(ids) != n_pool or (len(ids) > 1 and (np.diff(ids) == 0).any()):
         raise RuntimeError(f"scores table at {scores_dir} must hold each of the {n_pool} pool ids once")
+    check_finite_scores(ids, table["score"].to_numpy(zero_copy_only=False), f"scores table {scores_dir}")
     return table
 
 
@@ -72,7 +74,8 @@ def write_pruned_pool(pool: PoolRef, kept_ids: np.ndarray, per_source: dict[str,
     tmp = fresh_dir(dest.with_name(f".{dest.name}.partial"))
     (
         ray.data.read_parquet(pool.files)
-        .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)]}, batch_format="pyarrow",
+        .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)], **image_check_kwargs(pool)},
+                     batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
         .write_parquet(str(tmp))
     )

@@ -7,8 +7,10 @@ whose checkpoints live in the stage directory, so a rerun resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,12 @@ import torch
 
 from rayprune.config import JobConfig, TrainConfig
 from rayprune.data.pool import decode_images
+from rayprune.errors import InputError, one_line
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.loop import ATRecipe
 from rayprune.robust.models import build_model
 from rayprune.robust.training import make_optimizer
+from rayprune.stages.common import write_json_atomic
 from rayprune.stages.resources import ResourcePlan
 
 logger = logging.getLogger(__name__)
@@ -40,18 +44,77 @@ def model_from_config(config: JobConfig, num_classes: int, in_channels: int):
     return build_model(config.model.name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
+def model_identity(model_name: str, width: int, num_classes: int, in_channels: int) -> dict:
+    """What a weights file must match: the architecture and its input and output sizes."""
+    return {"model": model_name, "width": width if model_name == "small_cnn" else None,
+            "num_classes": int(num_classes), "in_channels": int(in_channels)}
+
+
+def _describe(identity: dict) -> str:
+    width = f" (width {identity['width']})" if identity.get("width") is not None else ""
+    return (f"{identity.get('model')!r}{width} with {identity.get('num_classes')} classes and "
+            f"{identity.get('in_channels')} input channels")
+
+
+def save_model_file(state_dict: dict, path: str | Path, identity: dict) -> None:
+    """Save weights (a plain state dict, loadable with ``weights_only=True``) atomically,
+    with ``<name>.json`` beside them recording which model they belong to."""
+    path = Path(path)
+    write_json_atomic(path.with_suffix(".json"), identity)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, path)
+
+
 def load_model_file(config: JobConfig, path: str | Path, num_classes: int, in_channels: int, device="cpu"):
-    """Build the configured model and load weights saved by a stage (no unpickling)."""
+    """Build the configured model and load weights saved by a stage (no unpickling).
+
+    A file saved for another model (or number of classes) is an InputError naming the
+    file and both models; so is a file that is not a weights-only state dict.
+    """
+    want = model_identity(config.model.name, config.model.width, num_classes, in_channels)
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            saved = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if isinstance(saved, dict) and saved != want:
+            raise InputError(f"checkpoint {path} holds a {_describe(saved)} (see {sidecar.name}); this job builds a "
+                             f"{_describe(want)}: set model.name/model.width to match or use a new output_dir")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError:  # do not echo torch's advice to retry with weights_only=False
+        raise InputError(f"checkpoint {path} is not a weights-only state dict: it holds other pickled objects, which "
+                         "are refused because loading them could run code") from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"checkpoint {path} is not a readable weights-only state dict (corrupt or truncated?): "
+                         f"{one_line(exc).split('. ')[0]}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} holds a {type(state).__name__}; expected a state dict of weights")
     model = model_from_config(config, num_classes, in_channels)
-    state = torch.load(path, map_location=device, weights_only=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(
-            f"checkpoint {path} does not fit model {config.model.name!r} with {num_classes} classes: {first}"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0])[:200] if lines else type(exc).__name__
+        raise InputError(
+            f"checkpoint {path} does not fit the {_describe(want)}: it was saved for another model or number of "
+            f"classes ({first})"
         ) from None
     return model.to(device)
+
+
+def check_resumed_model(checkpoint_path, saved_name: str | None, saved_world: int | None, config: JobConfig,
+                        world: int) -> None:
+    """A Ray Train checkpoint must come from the same model and number of workers."""
+    if (saved_name is not None and saved_name != config.model.name) or (saved_world is not None and saved_world != world):
+        raise InputError(
+            f"checkpoint {checkpoint_path} was written by {saved_world} worker(s) for model {saved_name!r}; this run "
+            f"has {world} for model {config.model.name!r}: use a new output_dir"
+        )
 
 
 def optimizer_from_config(model, train: TrainConfig):
@@ -84,7 +147,8 @@ def load_rows(source, ids: np.ndarray, image_shape):
     table = table.take(pa.array(order))
     table = table.take(pa.array(np.searchsorted(table["id"].to_numpy(), ids)))
     # Copies: Arrow hands out read-only buffers, which torch refuses to wrap.
-    return (table["id"].to_numpy().copy(), decode_images(table["image"], image_shape).copy(),
+    return (table["id"].to_numpy().copy(),
+            decode_images(table["image"], image_shape, ids=table["id"], origin=f"rows at {source}").copy(),
             table["label"].to_numpy().copy(), np.asarray(table["source"].to_pylist(), dtype=object))
 
 
@@ -118,4 +182,4 @@ def run_trainer(loop, loop_config: dict, stage_dir: Path, plan: ResourcePlan, wh
     )
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"{what} failed: {result.error}")
+        raise RuntimeError(f"{what} failed: {result.error}") from result.error
