@@ -1,5 +1,8 @@
 """The job on a multi-node cluster simulated on one machine (ray.cluster_utils.Cluster)."""
 
+import threading
+import time
+
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
@@ -42,3 +45,59 @@ def test_pool_blocks_are_embedded_on_more_than_one_node(cluster, tmp_path):
     assert sum(per_node.values()) == 2000
     ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
     np.testing.assert_array_equal(np.sort(ids), np.arange(2000))
+
+
+def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
+    from rayprune.config import RayConfig
+    from rayprune.stages.resources import release_cluster, request_cluster
+
+    want = int(ray.cluster_resources()["CPU"]) + 2
+    config = RayConfig(address=cluster.address, request_cpus=want, resource_wait_s=120)
+    outcome = {}
+
+    def request():
+        start = time.monotonic()
+        try:
+            request_cluster(config)
+            outcome["waited"] = time.monotonic() - start
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=request, daemon=True)
+    waiter.start()
+    time.sleep(3.0)
+    assert waiter.is_alive(), f"returned before the cluster had {want} CPUs: {outcome}"
+    cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)  # what the autoscaler would do
+    waiter.join(timeout=150)
+    release_cluster(config)
+    assert "waited" in outcome, outcome
+    assert outcome["waited"] >= 3.0  # it really waited for the node
+    assert ray.cluster_resources()["CPU"] >= want
+    with pytest.raises(RuntimeError, match=r"after waiting 1 s for ray.request_cpus=999"):
+        request_cluster(RayConfig(address=cluster.address, request_cpus=999, resource_wait_s=1))
+
+
+def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, tmp_path):
+    out = tmp_path / "out"
+    overrides = {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
+                 "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
+    partial = out / "extrapolate" / ".scores.partial"
+    removed = []
+
+    def remove_a_worker_node_once_scoring_streams():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not removed:
+            if partial.exists() and any(partial.glob("*.parquet")):
+                victim = next(n for n in cluster.worker_nodes if n is not cluster.head_node)
+                cluster.remove_node(victim)
+                removed.append(victim)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=remove_a_worker_node_once_scoring_streams, daemon=True)
+    watcher.start()
+    summary = run_pipeline(load_config(None, overrides))
+    watcher.join(timeout=5)
+    assert removed, "no node was removed while the extrapolate stage streamed: the test proved nothing"
+    ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
+    np.testing.assert_array_equal(np.sort(ids), np.arange(6000))  # every id exactly once
