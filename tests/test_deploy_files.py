@@ -593,12 +593,19 @@ def test_readme_job_submission_parses_and_writes_to_shared_storage():
     assert {alias for _, alias in uris} <= {"champion", "candidate"}
 
 
-def test_readme_requests_workers_the_cluster_can_provide_and_releases_them():
-    scale_up, release = readme_command("ray exec cluster.yaml \"python")
-    bundles = python_call_argument(scale_up, "request_resources", "bundles")
+def test_readme_requests_workers_the_cluster_can_provide():
+    """The submitted job asks the autoscaler for what cluster.yaml's worker types can hold."""
+    from rayprune.stages.resources import autoscaler_bundles
+
+    (command,) = readme_command("ray job submit")
+    words = shlex.split(command)
+    config, _ = parse_config(words[words.index("--") + 3:])
+    assert config.ray.request_gpus >= 1 and config.ray.request_cpus >= config.ray.request_gpus
     types = [t["resources"] for t in {**worker_types(gpu=True), **worker_types(gpu=False)}.values()]
-    for bundle in bundles:
+    for bundle in autoscaler_bundles(config.ray):
         assert any(all(t.get(k, 0) >= v for k, v in bundle.items()) for t in types), f"{bundle} fits no worker type"
     (gpu_type,) = worker_types(gpu=True).values()
-    assert sum(b.get("GPU", 0) for b in bundles) <= gpu_type["max_workers"] * gpu_type["resources"]["GPU"]
-    assert python_call_argument(release, "request_resources", "num_cpus") == 0
+    assert config.ray.request_gpus <= gpu_type["max_workers"] * gpu_type["resources"]["GPU"]
+    capacity = sum(t["max_workers"] * t["resources"].get("CPU", 0)
+                   for t in {**worker_types(gpu=True), **worker_types(gpu=False)}.values())
+    assert config.ray.request_cpus <= capacity

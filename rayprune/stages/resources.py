@@ -81,6 +81,15 @@ def wait_for_resources(get_resources, cpus: float, gpus: float, timeout_s: float
         sleep(min(poll_s, max(0.0, deadline - clock())))
 
 
+def autoscaler_bundles(config: RayConfig) -> list[dict[str, float]]:
+    """One bundle per GPU (with a CPU to feed it) plus one per remaining CPU.
+
+    Small bundles let the autoscaler pick whichever node types can hold them.
+    """
+    gpu_bundles = [{"GPU": 1, "CPU": 1}] * config.request_gpus
+    return gpu_bundles + [{"CPU": 1}] * max(0, config.request_cpus - config.request_gpus)
+
+
 def request_cluster(config: RayConfig) -> None:
     """Ask the autoscaler for ``ray.request_cpus``/``request_gpus`` and wait until they join.
 
@@ -91,12 +100,8 @@ def request_cluster(config: RayConfig) -> None:
         return
     from ray.autoscaler.sdk import request_resources
 
-    # One bundle per GPU (with a CPU to feed it) plus one per remaining CPU: the
-    # autoscaler adds the node types that can hold them.
-    gpu_bundles = [{"GPU": 1, "CPU": 1}] * config.request_gpus
-    cpu_bundles = [{"CPU": 1}] * max(0, config.request_cpus - config.request_gpus)
     logger.info("asking the autoscaler for %d CPU(s) and %d GPU(s)", config.request_cpus, config.request_gpus)
-    request_resources(bundles=gpu_bundles + cpu_bundles)
+    request_resources(bundles=autoscaler_bundles(config))
     wait_for_resources(ray.cluster_resources, config.request_cpus, config.request_gpus, config.resource_wait_s)
 
 
