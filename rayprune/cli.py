@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     options = parser.add_argument_group("options (override the config file; dotted names match its keys)")
     for key, (typ, default) in flat_fields(JobConfig).items():
         flags = [f"--{key}"]
-        if key == "output_dir":
-            flags.append("--output-dir")
+        if key in ("output_dir", "publish_uri"):
+            flags.append("--" + key.replace("_", "-"))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         options.add_argument(
             *flags, dest=key, default=_MISSING, metavar=_type_name(typ), help=f"(default: {shown})"
@@ -110,6 +110,8 @@ def format_summary(summary) -> str:
     lines += [f"    {stage:<14} {seconds:8.1f}" for stage, seconds in summary.stage_seconds.items()]
     lines.append(f"  outputs          {summary.output_dir}")
     lines += [f"    {name:<18} {path}" for name, path in summary.outputs.items()]
+    if getattr(summary, "published_uri", ""):
+        lines.append(f"  published to     {summary.published_uri}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from rayprune.scoring.extrapolate import WEIGHTINGS
 from rayprune.robust.training import SCHEDULES
 from rayprune.scoring.neighbours import METHODS, METRICS
 from rayprune.scoring.scores import SCORE_NAMES
+from rayprune.storage import is_uri
 from rayprune.validation import check_choice, check_fraction
 
 SCORES = SCORE_NAMES
@@ -64,6 +65,8 @@ class RayConfig:
     ``request_cpus`` / ``request_gpus``: on an autoscaling cluster that starts with no
     workers, ask the autoscaler for this many CPUs / GPUs (cluster totals) and wait up
     to ``resource_wait_s`` seconds for them before sizing the job; 0 = use what is there.
+    ``storage_path``: where Ray Train keeps its checkpoints, a URI (s3://, gs://) or a
+    path every node sees; empty = ``<output_dir>/<stage>/train``.
     """
 
     address: str = ""
@@ -75,6 +78,7 @@ class RayConfig:
     request_cpus: int = 0
     request_gpus: int = 0
     resource_wait_s: float = 900.0
+    storage_path: str = ""
 
     def __post_init__(self) -> None:
         _wrap(check_choice, self.use_gpu, "ray.use_gpu", ("auto", "true", "false"))
@@ -302,7 +306,13 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """The whole job. ``output_dir`` is a local or shared POSIX path (NFS, EFS): its commit
+    markers need atomic renames. ``publish_uri`` (a URI such as s3://bucket/run, or a path):
+    when set, the finished products are copied there at the end, ``_COMPLETE.json`` last.
+    """
+
     output_dir: str = "outputs/demo"
+    publish_uri: str = ""
     pool: PoolConfig = field(default_factory=PoolConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -317,6 +327,11 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if is_uri(self.output_dir):
+            raise ConfigError(
+                f"output_dir must be a local or shared POSIX path (its commit markers need atomic renames); got "
+                f"{self.output_dir}: write to a path and set publish_uri to copy the products to a URI"
+            )
         if self.scoring.score in ("dynamic_uncertainty",) and self.scoring.window >= self.train.epochs:
             raise ConfigError(
                 f"scoring.window ({self.scoring.window}) must be smaller than train.epochs ({self.train.epochs}): "

@@ -3,9 +3,11 @@
     pool -> split -> score_subset -> extrapolate -> select -> final_train -> evaluate
                                           (optionally random_baseline -> final_train_random -> evaluate_random)
 
-Everything lives under ``output_dir``; ``manifest.json`` there is written last. Input
-problems raise ``InputError`` subclasses (``ConfigError``, ``PoolError``), most of them
-from the preflight, before anything starts.
+Everything lives under ``output_dir``; ``manifest.json`` there is written last, and with
+``publish_uri`` the finished products are then copied to that URI (``_COMPLETE.json``
+last, see :func:`rayprune.storage.publish`). Input problems raise ``InputError``
+subclasses (``ConfigError``, ``PoolError``, ``StorageError``), most of them from the
+preflight, before anything starts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     embedded_rows_per_node: dict[str, int] = field(default_factory=dict)
     output_dir: str = ""
+    published_uri: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
 
 
@@ -97,6 +100,21 @@ def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: i
     return (f"the scoring run trained on {scoring:,} samples, {scoring / final:.0%} of the final training's "
             f"{final:,}: scores from a short scoring run can disagree with a full run even when the probe "
             f"correlation looks fine; raise train.epochs or train.steps_per_epoch")
+
+
+def publish_products(root: Path, score, extrap, selected, final=None, evaluation=None) -> list[str]:
+    """The finished products to publish, relative to ``root``: scores, kept ids, pruned pool,
+    quality report, the robust model and its evaluation, and the manifest."""
+    from rayprune.stages.extrapolate import QUALITY_FILE
+    from rayprune.stages.final import HISTORY_FILE
+
+    paths = [root / "manifest.json", score.scores_file, extrap.scores_dir, extrap.scores_dir.parent / QUALITY_FILE,
+             selected.kept_file, selected.pruned_pool]
+    if final is not None:
+        paths += [final.model_file, final.model_file.with_suffix(".json"), final.model_file.parent / HISTORY_FILE]
+    if evaluation is not None:
+        paths += [evaluation.per_sample_file.parent / "metrics.json", evaluation.per_sample_file]
+    return [Path(p).relative_to(root).as_posix() for p in paths if Path(p).exists()]
 
 
 def run_pipeline(config: JobConfig) -> RunSummary:
@@ -218,6 +236,7 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         "kept_ids": str(selected.kept_file),
         "pruned_pool": str(selected.pruned_pool),
     })
+    summary.published_uri = config.publish_uri
     manifest = {
         "summary": asdict(summary),
         "config": to_dict(config),
@@ -228,6 +247,16 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         "stages": {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/_COMMITTED.json"))},
     }
     write_json_atomic(root / "manifest.json", manifest)
+    if config.publish_uri:
+        from rayprune.storage import publish
+
+        try:
+            publish(root, config.publish_uri, publish_products(root, score, extrap, selected, final, evaluation))
+        except BaseException:
+            manifest["summary"]["published_uri"] = ""  # the local manifest never claims a failed publish
+            write_json_atomic(root / "manifest.json", manifest)
+            raise
+        tracker.set_tags({"published_uri": config.publish_uri})
     tracker.log_metrics({"pool_size": summary.pool_size, "scored": summary.scored, "kept": summary.kept,
                          **{f"sample_gradient_steps_{k}": v["spent"] for k, v in summary.compute.items()},
                          **{f"sample_gradient_steps_{k}_whole_pool": v["whole_pool"] for k, v in summary.compute.items()},

@@ -4,7 +4,8 @@ Bad input found here costs seconds instead of a scoring run: the pools are check
 (:func:`rayprune.data.pool_check.check_pool`), the test pool must fit the training pool,
 and the options that depend on the pool's size (the scored subset, the neighbours left
 for ``extrapolation.k`` after the probe, the final training's validation hold-out) are
-checked with the same arithmetic the stages use.
+checked with the same arithmetic the stages use. ``publish_uri`` and ``ray.storage_path``
+must open (known scheme, credentials, an existing bucket).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from rayprune import storage
 from rayprune.config import ConfigError, JobConfig
 from rayprune.data.pool import PoolError
 from rayprune.data.pool_check import check_pool
@@ -57,9 +61,27 @@ def check_output_dir(config: JobConfig) -> None:
         raise ConfigError(f"output_dir {out} exists and is not a directory")
 
 
+def check_storage(config: JobConfig) -> None:
+    """``publish_uri`` and ``ray.storage_path`` open (scheme, credentials, bucket) and stay out of the outputs."""
+    for option, location in (("publish_uri", config.publish_uri), ("ray.storage_path", config.ray.storage_path)):
+        if not location:
+            continue
+        try:
+            storage.check_bucket(location)
+        except storage.StorageError as exc:
+            raise storage.StorageError(f"{option}: {exc}") from None
+    if config.publish_uri:
+        fs, path = storage.resolve(config.publish_uri)
+        out = Path(config.output_dir).resolve()
+        if isinstance(fs, pafs.LocalFileSystem) and Path(path).resolve().is_relative_to(out):
+            raise ConfigError(f"publish_uri {config.publish_uri} lies inside output_dir {out}; publish elsewhere "
+                              "(a URI such as s3://bucket/run, or another directory)")
+
+
 def preflight(config: JobConfig) -> None:
     """Check the job's inputs against its config; raise ConfigError/PoolError naming the problem."""
     check_output_dir(config)
+    check_storage(config)
     if config.pool.path:
         info = check_pool(config.pool.path)
         sources, shape, classes, where = info.sources, info.image_shape, info.num_classes, f"the pool {config.pool.path}"

@@ -25,7 +25,8 @@ def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "out"
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
     config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri,
-                                "final.compare_random": "true"})
+                                "final.compare_random": "true",
+                                "publish_uri": str(out.parent / "published")})
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
     try:
         summary = run_pipeline(config)
@@ -245,3 +246,18 @@ def test_random_baseline_has_the_same_size_composition_and_budget(job):
     assert len(history) == 2  # the same explicit budget as the final training
     metrics = job["summary"].random_baseline_metrics
     assert metrics["n"] == 120 and 0.0 <= metrics["worst"] <= metrics["clean"] <= 1.0
+
+
+def test_finished_products_are_published_with_a_complete_marker(job):
+    from rayprune.storage import read_published
+
+    published = job["out"].parent / "published"
+    record = read_published(str(published))
+    assert record is not None and job["summary"].published_uri == str(published)
+    for name, size in record["files"].items():
+        assert (published / name).stat().st_size == size
+        assert (published / name).read_bytes() == (job["out"] / name).read_bytes()
+    names = set(record["files"])
+    assert "manifest.json" in names and "final_train/model.pt" in names
+    assert any(n.startswith("extrapolate/scores/") for n in names)
+    assert any(n.startswith("select/pruned_pool/") for n in names)

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayprune.errors import InputError
+from rayprune import storage
+from rayprune.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,14 @@ class PoolInfo:
 
 
 def read_pool_info(path: str | Path) -> PoolInfo:
-    """Load and check ``pool.json`` of the pool at ``path``."""
-    meta = Path(path) / POOL_META
+    """Load and check ``pool.json`` of the pool at ``path`` (a directory or a URI: ``rayprune.storage``)."""
+    meta = storage.join(path, POOL_META)
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(storage.read_text(meta))
     except FileNotFoundError:
         raise PoolError(f"{path} is not a pool: {POOL_META} is missing (convert data with `rayprune-convert`)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PoolError(f"{meta} is unreadable: {exc}") from None
+    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PoolError(f"{meta} is unreadable: {one_line(exc)}") from None
     try:
         info = PoolInfo(
             num_rows=int(data["num_rows"]),
@@ -108,10 +109,10 @@ def write_pool_info(path: str | Path, info: PoolInfo) -> None:
 
 
 def pool_files(path: str | Path, info: PoolInfo | None = None) -> list[str]:
-    """Absolute paths of the pool's Parquet files, checked to exist."""
+    """Locations (paths or URIs) of the pool's Parquet files, checked to exist."""
     info = info or read_pool_info(path)
-    files = [str(Path(path) / name) for name in info.files]
-    missing = [f for f in files if not Path(f).is_file()]
+    files = [storage.join(path, name) for name in info.files]
+    missing = [f for f, size in zip(files, storage.file_sizes(files)) if size is None] if files else []
     if missing:
         raise PoolError(f"pool {path} lists {len(missing)} missing file(s), first: {missing[0]}")
     return files

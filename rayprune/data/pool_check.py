@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayprune.data.pool import SCHEMA, PoolError, PoolInfo, pool_files, read_pool_info
+from rayprune import storage
+from rayprune.data.pool import POOL_META, SCHEMA, PoolError, PoolInfo, pool_files, read_pool_info
 from rayprune.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,10 @@ SAMPLE_IMAGES = 64  # images per file whose byte length the preflight checks
 FORMAT = ", ".join(f"{f.name} ({f.type})" for f in SCHEMA)
 
 
-def _open(file: str) -> pq.ParquetFile:
+def _open(file: str, fs=None, path: str | None = None) -> pq.ParquetFile:
+    """The Parquet file at ``file``, opened on ``fs`` at ``path`` when given (a URI's filesystem)."""
     try:
-        return pq.ParquetFile(file)
+        return pq.ParquetFile(fs.open_input_file(path) if fs is not None else file)
     except (pa.ArrowException, OSError) as exc:
         raise PoolError(f"{file}: not a readable Parquet file (corrupt or truncated?): {one_line(exc)}") from None
 
@@ -140,11 +142,12 @@ def check_pool(path: str | Path) -> PoolInfo:
     info = read_pool_info(path)
     if len(set(info.files)) != len(info.files):
         dup = next(f for f in info.files if info.files.count(f) > 1)
-        raise PoolError(f"{Path(path) / 'pool.json'}: lists the file {dup} more than once")
+        raise PoolError(f"{storage.join(path, POOL_META)}: lists the file {dup} more than once")
     files = pool_files(path, info)
+    fs, paths = storage.files_on(files) if storage.is_uri(str(path)) else (None, files)
     rows, ids = 0, []
-    for file in files:
-        pf = _open(file)
+    for file, fs_path in zip(files, paths):
+        pf = _open(file, fs, fs_path)
         check_schema(pf, file, info.image_shape)
         column = _read(pf, file, ["id"])["id"]
         if column.null_count:
@@ -155,7 +158,8 @@ def check_pool(path: str | Path) -> PoolInfo:
         check_sample_images(pf, file, info.image_bytes, info.image_shape)
         rows += pf.metadata.num_rows
     if rows != info.num_rows:
-        raise PoolError(f"{Path(path) / 'pool.json'} says the pool has {info.num_rows} rows but its files hold {rows}")
+        raise PoolError(f"{storage.join(path, POOL_META)} says the pool has {info.num_rows} rows "
+                        f"but its files hold {rows}")
     check_unique_ids(ids, files)
     logger.info("pool %s checked: %d rows in %d file(s), %d classes, images %s", path, rows, len(files),
                 info.num_classes, "x".join(map(str, info.image_shape)))

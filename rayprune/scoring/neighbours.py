@@ -4,10 +4,13 @@ Two paths with one signature:
 
 * ``exact``: blocked brute force in PyTorch. Squared distances come from one matrix
   multiply per (query block, reference block) pair and a running top-k is merged across
-  reference blocks, so memory is bounded by ``query_block x (reference_block + k)``
-  floats whatever the number of queries, and no ``queries x references x dims`` tensor
-  is ever built. The returned distances are recomputed directly from the chosen pairs,
-  so they carry no cancellation error from the matrix-multiply expansion.
+  reference blocks, so memory is bounded by one distance block (``DISTANCE_BLOCK``
+  floats, or one row of a reference block if that is larger) plus one transposed copy
+  of the references, whatever the number of queries; no ``queries x references x dims``
+  tensor is ever built. Within a block the top-k is
+  found through group minima (see ``_block_topk``), which costs far less than a top-k
+  over every distance. The returned distances are recomputed directly from the chosen
+  pairs, so they carry no cancellation error from the matrix-multiply expansion.
 * ``approx``: a faiss HNSW graph for reference sets too large for exact search.
 
 Distances are Euclidean; with ``metric="cosine"`` both sides are L2-normalised first
@@ -34,11 +37,15 @@ class SearchOptions:
 
     metric: str = "euclidean"
     method: str = "exact"
-    query_block: int = 2048
-    reference_block: int = 16384
+    # Upper bounds: query blocks also stop at DISTANCE_BLOCK floats of distances. One
+    # reference block per 64k references saves merges (measured on 2 cores, 128 dims).
+    query_block: int = 8192
+    reference_block: int = 65536
+    # HNSW: ef_search 32 keeps recall@12 near 0.98 on hard (isotropic, 128-d) data at
+    # 3-4x the search speed of ef_search 128 (recall 0.9999); benchmarks/neighbours.py.
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 32
 
     def __post_init__(self) -> None:
         check_choice(self.metric, "metric", METRICS)
@@ -59,32 +66,90 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+#: Largest number of references whose minimum stands in for them in the first top-k pass.
+MAX_GROUP = 16
+#: Floats in one query-block x reference-block distance matrix (32 MiB). Query blocks
+#: are as tall as this allows (up to ``query_block``): few large torch calls matter
+#: more than cache fit once the references are few, and a busy machine makes every
+#: small multi-threaded call slow.
+DISTANCE_BLOCK = 2**23
+
+
+@dataclass(frozen=True)
+class _RefBlock:
+    """One reference block, prepared once per search: transposed for the matrix multiply
+    and padded to ``group x width`` columns (padding has infinite squared norm)."""
+
+    start: int
+    ref_t: torch.Tensor  # (dims, group * width)
+    ref_sq: torch.Tensor  # (group * width,)
+    group: int
+    width: int
+
+
+def _ref_blocks(references: np.ndarray, centre: np.ndarray, k: int, size: int) -> list[_RefBlock]:
+    """Centre, square-norm, pad and transpose the references, ``size`` rows per block."""
+    blocks = []
+    for r0 in range(0, len(references), size):
+        r = torch.from_numpy(references[r0 : r0 + size] - centre)
+        sq = (r * r).sum(dim=1)
+        # Groups of references only pay off when there are many more groups than k.
+        group = max(1, min(MAX_GROUP, len(r) // (4 * k)))
+        width = -(-len(r) // group)
+        pad = group * width - len(r)
+        if pad:
+            r = torch.cat([r, r.new_zeros(pad, r.shape[1])])
+            sq = torch.cat([sq, sq.new_full((pad,), float("inf"))])
+        blocks.append(_RefBlock(r0, r.T.contiguous(), sq, group, width))
+    return blocks
+
+
+def _block_topk(q: torch.Tensor, block: _RefBlock, k: int, buffer: torch.Tensor):
+    """The ``k`` smallest ``|r|^2 - 2 q.r`` of one reference block per query (unsorted).
+
+    ``|q|^2`` is left out: it does not change the order within a row. Columns form
+    ``width`` groups of ``group`` (column ``j + m * width`` is in group ``j``); the k
+    nearest references all lie in the k groups with the smallest minima (any other
+    group has k group minima below its own), so only ``k x group`` candidates per query
+    need a second top-k.
+    """
+    d = buffer[: len(q) * block.ref_t.shape[1]].view(len(q), -1)
+    torch.addmm(block.ref_sq, q, block.ref_t, alpha=-2.0, out=d)
+    take = min(k, d.shape[1])
+    if block.group == 1:
+        values, cols = torch.topk(d, take, dim=1, largest=False, sorted=False)
+        return values, cols + block.start
+    minima = torch.amin(d.view(len(q), block.group, block.width), dim=1)
+    groups = torch.topk(minima, take, dim=1, largest=False, sorted=False).indices
+    members = torch.arange(0, block.group * block.width, block.width)
+    cand = (groups.unsqueeze(2) + members).view(len(q), -1)
+    values, pos = torch.topk(torch.gather(d, 1, cand), take, dim=1, largest=False, sorted=False)
+    return values, torch.gather(cand, 1, pos) + block.start
+
+
 def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions):
     """Blocked brute-force k-NN; returns (squared distances, indices) sorted ascending."""
     # Centring on the reference mean leaves distances unchanged and shrinks the norms,
     # which keeps the |q|^2 - 2 q.r + |r|^2 expansion well conditioned in float32.
     centre = references.mean(axis=0, dtype=np.float64).astype(np.float32)
-    refs = torch.from_numpy(references - centre)
-    ref_sq = (refs * refs).sum(dim=1)
     out_dist = np.empty((len(queries), k), dtype=np.float32)
     out_idx = np.empty((len(queries), k), dtype=np.int64)
     with torch.inference_mode():
-        for q0 in range(0, len(queries), options.query_block):
-            q = torch.from_numpy(queries[q0 : q0 + options.query_block] - centre)
-            q_sq = (q * q).sum(dim=1, keepdim=True)
-            best_d = torch.full((len(q), 0), float("inf"))
-            best_i = torch.empty((len(q), 0), dtype=torch.int64)
-            for r0 in range(0, len(refs), options.reference_block):
-                r = refs[r0 : r0 + options.reference_block]
-                d = torch.addmm(q_sq + ref_sq[r0 : r0 + len(r)], q, r.T, alpha=-2.0)
-                cand_d = torch.cat([best_d, d], dim=1)
-                cand_i = torch.cat([best_i, torch.arange(r0, r0 + len(r)).expand(len(q), -1)], dim=1)
-                take = min(k, cand_d.shape[1])
-                best_d, pos = torch.topk(cand_d, take, dim=1, largest=False, sorted=True)
+        blocks = _ref_blocks(references, centre, k, options.reference_block)
+        width = max(b.ref_t.shape[1] for b in blocks)
+        rows = max(1, min(options.query_block, len(queries), DISTANCE_BLOCK // width))
+        buffer = torch.empty(rows * width)
+        for q0 in range(0, len(queries), rows):
+            q = torch.from_numpy(queries[q0 : q0 + rows] - centre)
+            best_d, best_i = _block_topk(q, blocks[0], k, buffer)
+            for block in blocks[1:]:
+                values, idx = _block_topk(q, block, k, buffer)
+                cand_d, cand_i = torch.cat([best_d, values], dim=1), torch.cat([best_i, idx], dim=1)
+                best_d, pos = torch.topk(cand_d, min(k, cand_d.shape[1]), dim=1, largest=False, sorted=False)
                 best_i = torch.gather(cand_i, 1, pos)
-            # Exact distances for the chosen pairs (k per query: cheap), then re-sort so
-            # ties broken by rounding in the expansion cannot leave the order wrong.
-            diff = q.unsqueeze(1) - refs[best_i]
+            # Exact distances for the chosen pairs (k per query: cheap), then sort so ties
+            # broken by rounding in the expansion cannot leave the order wrong.
+            diff = q.unsqueeze(1) - torch.from_numpy(references[best_i.numpy()] - centre)
             exact = (diff * diff).sum(dim=2)
             exact, order = torch.sort(exact, dim=1, stable=True)
             out_dist[q0 : q0 + len(q)] = exact.numpy()
@@ -92,15 +157,22 @@ def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: 
     return out_dist, out_idx
 
 
-def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions):
-    """faiss HNSW k-NN; returns (squared distances, indices) sorted ascending."""
+def hnsw_index(references: np.ndarray, options: SearchOptions, k: int):
+    """The faiss HNSW index the ``approx`` path searches, built over float32 ``references``
+    as ``options`` say (euclidean; normalise first for cosine). Building it is most of an
+    approx search's cost, so callers that search one reference set often can keep it."""
     import faiss  # imported lazily: only this path needs it
 
     index = faiss.IndexHNSWFlat(references.shape[1], options.hnsw_m)
     index.hnsw.efConstruction = options.hnsw_ef_construction
     index.hnsw.efSearch = max(options.hnsw_ef_search, k)
-    index.add(np.ascontiguousarray(references))
-    dist, idx = index.search(np.ascontiguousarray(queries), k)
+    index.add(np.ascontiguousarray(references, dtype=np.float32))
+    return index
+
+
+def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions):
+    """faiss HNSW k-NN; returns (squared distances, indices) sorted ascending."""
+    dist, idx = hnsw_index(references, options, k).search(np.ascontiguousarray(queries), k)
     return dist.astype(np.float32), idx.astype(np.int64)
 
 

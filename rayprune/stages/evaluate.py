@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import ray
 import torch
 
+from rayprune import storage
 from rayprune.config import JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.evaluation import EvalConfig, robust_correct, summarize
@@ -70,7 +71,8 @@ def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, model_diges
     per_sample, metrics_file = stage.dir / "per_sample.parquet", stage.dir / "metrics.json"
     if stage.committed() is None:
         stage.begin()
-        table = pads.dataset(test.files, format="parquet").to_table().sort_by("id")
+        fs, paths = storage.files_on(test.files)
+        table = pads.dataset(paths, format="parquet", filesystem=fs).to_table().sort_by("id")
         ids, labels = table["id"].to_numpy(), table["label"].to_numpy()
         images = decode_images(table["image"], test.info.image_shape, ids=ids, origin=f"test pool {test.path}")
         n_actors = config.evaluation.actors or max(1, min(len(ids) // 256 + 1, int(plan.total_cpus - plan.io_cpus) or 1))

@@ -23,7 +23,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rayprune import storage
 from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.training import to_float_images
@@ -88,7 +90,11 @@ class Embedder:
         with torch.inference_mode():
             emb = self.model.embed(images).float().cpu().numpy()
         if self.tally is not None:
-            ray.get(self.tally.add.remote(self.node, len(emb)))
+            try:
+                ray.get(self.tally.add.remote(self.node, len(emb)))
+            except ray.exceptions.RayActorError:  # bookkeeping only: never fail the stream for it
+                logger.warning("the per-node row tally is gone; rows per node will be incomplete")
+                self.tally = None
         return {"id": batch["id"], "label": batch["label"], "source": batch["source"], "embedding": emb}
 
 
@@ -273,13 +279,15 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         neighbours = {k: v[~probe] for k, v in refs.items()}
         neighbours.update(measured_id=refs["id"], measured_score=refs["score"])
         refs_ref = ray.put(neighbours)
-        tally = NodeTally.remote()
+        # On the driver's node: a tally on a worker node would die with that node.
+        tally = NodeTally.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         tmp = fresh_dir(stage.dir / ".scores.partial")
         logger.info("embedding and scoring %d pool rows (%d embed + %d extrapolate actors)",
                     pool.info.num_rows, plan.embed_actors, plan.extrapolate_actors)
         (
-            embed_rows(ray.data.read_parquet(pool.files), config, pool.info, score.model_file, plan,
-                       plan.embed_actors, tally, rechunk=True)
+            embed_rows(ray.data.read_parquet(**storage.ray_parquet_source(pool.files)), config, pool.info,
+                       score.model_file, plan, plan.embed_actors, tally, rechunk=True)
             .map_batches(Extrapolator,
                          fn_constructor_kwargs={"references": [refs_ref], "extrapolation": chosen,
                                                 "threads": plan.threads(plan.extrapolate_cpus_per_actor)},

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rayprune import storage
 from rayprune.config import ConfigError, JobConfig, from_dict, to_dict
 from rayprune.data.pool import pool_files, read_pool_info
 from rayprune.robust.ema import ModelEMA, unwrap_model
@@ -208,7 +209,7 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, select_digest
             "best_file": str(model_file), "history_file": str(history_file),
             "inference_batch_size": config.ray.inference_batch_size,
         }
-        run_trainer(final_loop, loop_config, stage.dir, plan, "final training")
+        run_trainer(final_loop, loop_config, stage, plan, "final training", config.ray.storage_path)
         if not model_file.exists() or not history_file.exists():
             raise RuntimeError("final training ended without saving its model and history")
         stage.commit({"training_steps": steps})
@@ -231,7 +232,9 @@ def write_random_pool(config: JobConfig, pool: PoolRef, kept: int, root: Path) -
     out = stage.dir / "pruned_pool"
     if stage.committed() is None:
         stage.begin()
-        table = pa.concat_tables(pq.read_table(f, columns=["id", "label", "source"]) for f in pool.files).sort_by("id")
+        fs, paths = storage.files_on(pool.files)
+        table = pa.concat_tables(pq.read_table(f, columns=["id", "label", "source"], filesystem=fs)
+                                 for f in paths).sort_by("id")
         sources = np.asarray(table["source"].to_pylist(), dtype=object)
         prunable = np.isin(sources, list(config.pool.prunable_sources))
         keep = select_random(len(sources), keep_count=int(kept - (~prunable).sum()), labels=table["label"].to_numpy(),

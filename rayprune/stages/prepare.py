@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
+from rayprune import storage
 from rayprune.config import JobConfig, to_dict
 from rayprune.data.demo_pool import generate_test_rows
 from rayprune.data.pool import POOL_META, PoolError, PoolInfo, PoolWriter, pool_files, read_pool_info, write_demo_pool
@@ -31,19 +32,20 @@ logger = logging.getLogger(__name__)
 class PoolRef:
     """A checked pool: where it is, what it holds, and a digest of its content facts."""
 
-    path: Path
+    path: Path | str  # a local directory, or a URI (``rayprune.storage``)
     info: PoolInfo
     files: list[str]
     digest: str
 
 
 def open_pool(path: str | Path) -> PoolRef:
-    """Check an existing pool; its digest covers pool.json and the files' names and sizes."""
-    path = Path(path).resolve()
+    """Check an existing pool (a directory or a URI); its digest covers pool.json and the files' names
+    and sizes, so the same pool has the same digest wherever it is stored."""
+    path = str(path) if storage.is_uri(str(path)) else Path(path).resolve()
     info = read_pool_info(path)
     files = pool_files(path, info)
-    facts = [(Path(f).name, Path(f).stat().st_size) for f in files]
-    return PoolRef(path, info, files, digest((path / POOL_META).read_text(), facts))
+    facts = [(storage.basename(f), size) for f, size in zip(files, storage.file_sizes(files))]
+    return PoolRef(path, info, files, digest(storage.read_text(storage.join(path, POOL_META)), facts))
 
 
 def run_pool(config: JobConfig, root: Path) -> PoolRef:
@@ -83,7 +85,8 @@ def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
 
 def read_ids_and_sources(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The pool's ``id`` and ``source`` columns, sorted by id (no images read)."""
-    table = pads.dataset(files, format="parquet").to_table(columns=["id", "source"])
+    fs, paths = storage.files_on(files)
+    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["id", "source"])
     ids = table["id"].to_numpy()
     order = np.argsort(ids, kind="stable")
     sources = np.asarray(table["source"].to_pylist(), dtype=object)[order]
@@ -126,7 +129,7 @@ def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
         tmp = fresh_dir(stage.dir / ".subset.partial")
         keep = ray.put(subset_ids)
         (
-            ray.data.read_parquet(pool.files)
+            ray.data.read_parquet(**storage.ray_parquet_source(pool.files))
             .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [keep], **image_check_kwargs(pool)},
                          batch_format="pyarrow",
                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)

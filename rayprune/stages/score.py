@@ -227,7 +227,7 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             "steps_per_epoch": per_epoch,
             "inference_batch_size": config.ray.inference_batch_size,
         }
-        run_trainer(scoring_loop, loop_config, stage.dir, plan, "scoring run")
+        run_trainer(scoring_loop, loop_config, stage, plan, "scoring run", config.ray.storage_path)
         if not model_file.exists():
             raise RuntimeError("scoring run ended without saving the model")
         stage.commit({"training_steps": total_steps})

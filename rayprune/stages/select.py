@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
+from rayprune import storage
 from rayprune.config import JobConfig, to_dict
 from rayprune.data.pool import PoolInfo, write_pool_info
 from rayprune.scoring.scores import SCORE_DIRECTIONS
@@ -73,7 +74,7 @@ def write_pruned_pool(pool: PoolRef, kept_ids: np.ndarray, per_source: dict[str,
     """Copy the kept rows, unchanged, into a new pool at ``dest`` (via Ray Data, atomically)."""
     tmp = fresh_dir(dest.with_name(f".{dest.name}.partial"))
     (
-        ray.data.read_parquet(pool.files)
+        ray.data.read_parquet(**storage.ray_parquet_source(pool.files))
         .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)], **image_check_kwargs(pool)},
                      batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
+from rayprune import storage
 from rayprune.config import JobConfig, TrainConfig
 from rayprune.data.pool import decode_images
 from rayprune.errors import InputError, one_line
@@ -26,7 +27,7 @@ from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.loop import ATRecipe
 from rayprune.robust.models import build_model
 from rayprune.robust.training import make_optimizer
-from rayprune.stages.common import write_json_atomic
+from rayprune.stages.common import Stage, digest, write_json_atomic
 from rayprune.stages.resources import ResourcePlan
 
 logger = logging.getLogger(__name__)
@@ -136,9 +137,14 @@ def shard_ids(all_ids: np.ndarray, rank: int, world: int) -> np.ndarray:
 def load_rows(source, ids: np.ndarray, image_shape):
     """``(ids, images, labels, sources)`` of ``ids`` from Parquet files, in the order of ``ids``.
 
-    ``source`` is a directory of Parquet files or a list of files.
+    ``source`` is a directory of Parquet files or a list of files (local paths or URIs).
     """
-    dataset = pads.dataset(source, format="parquet")
+    if isinstance(source, (list, tuple)):
+        fs, paths = storage.files_on(list(source))
+        dataset = pads.dataset(paths, format="parquet", filesystem=fs)
+    else:
+        fs, path = storage.resolve(str(source))
+        dataset = pads.dataset(path, format="parquet", filesystem=fs)
     table = dataset.to_table(filter=pads.field("id").isin(pa.array(ids, pa.int64())))
     got = table["id"].to_numpy()
     order = np.argsort(got)
@@ -159,15 +165,33 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_trainer(loop, loop_config: dict, stage_dir: Path, plan: ResourcePlan, what: str) -> None:
-    """Run ``loop`` on the planned workers; checkpoints go to ``<stage_dir>/train``.
+def train_run_location(stage_dir: Path, input_digest: str, storage_path: str = ""):
+    """Ray Train's ``(name, storage_path, storage_filesystem)`` for a stage.
 
-    Rerunning with the same stage directory resumes from the latest checkpoint (Ray
+    By default checkpoints go to ``<stage_dir>/train``. With ``ray.storage_path`` (a URI or
+    a shared path) the run is named after the output directory, the stage and its input
+    digest, so rerunning the same job resumes it and changed inputs start a new run.
+    """
+    if not storage_path:
+        return "train", str(stage_dir), None
+    name = f"rayprune-{stage_dir.name}-{digest(str(Path(stage_dir).resolve()), input_digest)}"
+    if storage.is_uri(storage_path):
+        fs, path = storage.resolve(storage_path)
+        return name, path, fs
+    return name, os.path.abspath(storage_path), None
+
+
+def run_trainer(loop, loop_config: dict, stage: Stage, plan: ResourcePlan, what: str, storage_path: str = "") -> None:
+    """Run ``loop`` on the planned workers; checkpoints go where :func:`train_run_location` says.
+
+    Rerunning with the same stage and inputs resumes from the latest checkpoint (Ray
     Train V2 restores by run name and storage path); worker failures are retried.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    name, path, fs = train_run_location(stage.dir, stage.input_digest, storage_path)
+    logger.info("%s: Ray Train run %s under %s", what, name, storage_path or path)
     resources = {"CPU": plan.train_cpus_per_worker}
     if plan.train_use_gpu:
         resources["GPU"] = 1
@@ -176,7 +200,7 @@ def run_trainer(loop, loop_config: dict, stage_dir: Path, plan: ResourcePlan, wh
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=plan.train_workers, use_gpu=plan.train_use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="train", storage_path=str(stage_dir),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=3)),
     )
