@@ -136,3 +136,28 @@ def test_extrapolation_argument_errors(clouds):
         knn_search(queries, refs, 5, query_labels=np.full(len(queries), 2), reference_labels=labels)
     with pytest.raises(ValueError, match="reference_ids must be unique"):
         extrapolate_scores(refs, scores, queries, reference_ids=np.zeros(len(refs)), query_ids=np.arange(len(queries)))
+
+
+@pytest.mark.parametrize("same_label", [False, True])
+def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_label):
+    from rayprune.scoring import neighbours
+
+    rng = np.random.default_rng(3)
+    refs, labels = rng.normal(size=(400, 8)).astype(np.float32), rng.integers(0, 3, 400)
+    options = neighbours.SearchOptions(method="approx")
+    label_kw = {"reference_labels": labels} if same_label else {}
+    builds = []
+    real_build = neighbours.hnsw_index
+    monkeypatch.setattr(neighbours, "hnsw_index", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    cache: dict = {}
+    for seed in range(3):  # three batches of queries against the same references
+        q = np.random.default_rng(10 + seed).normal(size=(50, 8)).astype(np.float32)
+        q_kw = {"query_labels": np.random.default_rng(seed).integers(0, 3, 50)} if same_label else {}
+        uncached = neighbours.knn_search(q, refs, 5, options, **q_kw, **label_kw)
+        n_before = len(builds)
+        cached = neighbours.knn_search(q, refs, 5, options, **q_kw, **label_kw, index_cache=cache)
+        np.testing.assert_array_equal(cached[1], uncached[1])
+        np.testing.assert_allclose(cached[0], uncached[0], rtol=1e-6)
+        if seed > 0:
+            assert len(builds) == n_before  # the cached indexes were reused
+    assert len(cache) == (3 if same_label else 1)

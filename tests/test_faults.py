@@ -1,4 +1,4 @@
-"""Faults during a run: killed training workers and actors, determinism of a rerun.
+"""Faults during a run: killed training workers and actors, unreachable MLflow, determinism.
 
 One local Ray for the module. The reference run is also the determinism check: a
 second clean run with the same config must reproduce its subset, scores and kept ids,
@@ -6,6 +6,7 @@ and a run whose training worker or embedding actor was killed must end with the 
 results as if nothing had happened.
 """
 
+import logging
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import TINY_JOB
+from conftest import TINY_JOB, free_port
 
 from rayprune.config import load_config
 from rayprune.pipeline import run_pipeline
@@ -38,8 +39,8 @@ def local_ray():
     ray.shutdown()
 
 
-def run_job(out: Path):
-    return run_pipeline(load_config(None, {**FAULT_JOB, "output_dir": str(out)}))
+def run_job(out: Path, **overrides):
+    return run_pipeline(load_config(None, {**FAULT_JOB, "output_dir": str(out), **overrides}))
 
 
 def outputs(out: Path) -> dict:
@@ -69,9 +70,16 @@ def assert_same_results(got: dict, want: dict) -> None:
     np.testing.assert_array_equal(got["kept"], want["kept"])
 
 
-def test_same_config_and_seed_give_the_same_subset_scores_and_kept_ids(reference, tmp_path):
-    run_job(tmp_path / "out")
+def test_same_config_and_seed_give_the_same_subset_scores_and_kept_ids(reference, tmp_path, caplog):
+    # The rerun also tracks to an MLflow server that is not there: the job must still
+    # write every output, and say once, clearly, that tracking failed.
+    uri = f"http://127.0.0.1:{free_port()}"
+    caplog.set_level(logging.WARNING, logger="rayprune.tracking")
+    summary = run_job(tmp_path / "out", **{"tracking.enabled": "true", "tracking.uri": uri})
     assert_same_results(outputs(tmp_path / "out"), reference)
+    assert (tmp_path / "out" / "manifest.json").exists() and summary.registered_version is None
+    failures = [r.getMessage() for r in caplog.records if r.name == "rayprune.tracking"]
+    assert len(failures) == 1 and uri in failures[0] and "continues without tracking" in failures[0], failures
     assert len(reference["ids"]) == 4000 and np.array_equal(reference["ids"], np.arange(4000))
 
 

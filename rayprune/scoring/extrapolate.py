@@ -86,8 +86,13 @@ def extrapolate_scores(
     query_ids=None,
     reference_labels=None,
     query_labels=None,
+    index_cache: dict | None = None,
 ) -> Extrapolation:
-    """Score every query from its k nearest scored references (see module docstring)."""
+    """Score every query from its k nearest scored references (see module docstring).
+
+    ``index_cache`` is handed to :func:`knn_search`: keep one per reference set to build
+    the ``approx`` path's index once instead of per call.
+    """
     scores = as_finite_array(reference_scores, "reference_scores", dtype=np.float64)
     if scores.ndim != 1 or len(scores) == 0:
         raise ValueError(f"reference_scores must be a non-empty 1-D array; got shape {scores.shape}")
@@ -123,7 +128,8 @@ def extrapolate_scores(
             q_lab = np.asarray(query_labels)
             check_same_length("query_labels", q_lab, "query_embeddings", query_embeddings)
             labels = {"query_labels": q_lab[todo], "reference_labels": reference_labels}
-        d, i = knn_search(q_emb[todo], reference_embeddings, config.k, config.search, **labels)
+        d, i = knn_search(q_emb[todo], reference_embeddings, config.k, config.search, index_cache=index_cache,
+                          **labels)
         w = neighbour_weights(d, config.weighting, config.temperature)
         out_scores[todo] = (w * scores[i]).sum(axis=1)
         distances[todo], indices[todo] = d, i

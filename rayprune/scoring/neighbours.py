@@ -170,9 +170,10 @@ def hnsw_index(references: np.ndarray, options: SearchOptions, k: int):
     return index
 
 
-def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions):
+def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions, index=None):
     """faiss HNSW k-NN; returns (squared distances, indices) sorted ascending."""
-    dist, idx = hnsw_index(references, options, k).search(np.ascontiguousarray(queries), k)
+    index = index if index is not None else hnsw_index(references, options, k)
+    dist, idx = index.search(np.ascontiguousarray(queries), k)
     return dist.astype(np.float32), idx.astype(np.int64)
 
 
@@ -184,12 +185,17 @@ def knn_search(
     *,
     query_labels=None,
     reference_labels=None,
+    index_cache: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(distances, indices)`` of the ``k`` nearest references of every query.
 
     Both arrays are ``(len(queries), k)``, nearest first; indices point into
     ``references``. With labels given, each query only sees references of its own
     label. Distances are Euclidean, or ``1 - cos`` for ``metric="cosine"``.
+
+    ``index_cache``: a dict the caller keeps across calls with the *same* references
+    (e.g. an actor scoring batch after batch); the ``approx`` path stores its HNSW
+    indexes there instead of rebuilding them per call. Ignored by ``exact``.
     """
     k = check_positive_int(k, "k")
     q = _embeddings(queries, "queries")
@@ -200,12 +206,20 @@ def knn_search(
         raise ValueError("query_labels and reference_labels must be given together (same-label search) or not at all")
     if options.metric == "cosine":
         q, r = _unit(q), _unit(r)
-    search = _exact_search if options.method == "exact" else _approx_search
+    def search(queries, refs, key):
+        if options.method == "exact":
+            return _exact_search(queries, refs, k, options)
+        if index_cache is None:
+            return _approx_search(queries, refs, k, options)
+        key = (key, k, options)
+        if key not in index_cache:
+            index_cache[key] = hnsw_index(refs, options, k)
+        return _approx_search(queries, refs, k, options, index_cache[key])
 
     if query_labels is None:
         if k > len(r):
             raise ValueError(f"k must not exceed the number of references ({len(r)}); got k={k}")
-        sq_dist, idx = search(q, r, k, options) if len(q) else _empty(k)
+        sq_dist, idx = search(q, r, None) if len(q) else _empty(k)
     else:
         q_lab, r_lab = np.asarray(query_labels), np.asarray(reference_labels)
         if q_lab.shape != (len(q),) or r_lab.shape != (len(r),):
@@ -222,7 +236,7 @@ def knn_search(
                     f"k={k} exceeds the {len(r_rows)} reference(s) with label {np.asarray(label).item()!r}; "
                     f"same-label search needs at least k references per label (lower k or turn same_label off)"
                 )
-            d, i = search(q[q_rows], r[r_rows], k, options)
+            d, i = search(q[q_rows], r[r_rows], np.asarray(label).item())
             sq_dist[q_rows], idx[q_rows] = d, r_rows[i]
     dist = np.sqrt(np.clip(sq_dist, 0.0, None))
     if options.metric == "cosine":

@@ -109,12 +109,13 @@ class Extrapolator:
         torch.set_num_threads(threads)
         self.refs = ray.get(references[0])
         self.config = extrapolation
+        self.index_cache: dict = {}  # the approx path's index, built on the first batch only
 
     def __call__(self, batch: dict) -> dict:
         ids = np.asarray(batch["id"])
         result = extrapolate_scores(
             self.refs["embedding"], self.refs["score"], np.asarray(batch["embedding"], dtype=np.float32), self.config,
-            reference_labels=self.refs["label"], query_labels=batch["label"],
+            reference_labels=self.refs["label"], query_labels=batch["label"], index_cache=self.index_cache,
         )
         scores, distance = result.scores.copy(), result.neighbour_distance.astype(np.float64)
         measured_ids, measured_scores = self.refs["measured_id"], self.refs["measured_score"]
