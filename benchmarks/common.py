@@ -1,0 +1,110 @@
+"""Fixtures the Ray benchmarks share: a demo pool on disk, a model file, a local Ray, memory probes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from rayprune.config import JobConfig
+from rayprune.data.demo_pool import DemoPoolSpec
+from rayprune.data.pool import PoolInfo, write_demo_pool
+from rayprune.stages.training import model_from_config
+
+
+def demo_pool(workdir: Path, n_rows: int, image_size: int = 16, real_fraction: float = 0.2,
+              rows_per_file: int = 50_000) -> tuple[Path, PoolInfo]:
+    """Write a demo pool of ``n_rows`` rows (``real_fraction`` of them real) under ``workdir``."""
+    n_real = max(1, int(round(n_rows * real_fraction)))
+    spec = DemoPoolSpec(n_real=n_real, n_synthetic=n_rows - n_real, image_size=image_size)
+    path = Path(workdir) / f"pool-{n_rows}"
+    info = write_demo_pool(spec, path, rows_per_file=rows_per_file, overwrite=True)
+    return path, info
+
+
+def model_file(config: JobConfig, info: PoolInfo, path: Path, seed: int = 0) -> Path:
+    """Save a freshly initialised model of the job's kind (inference cost does not depend on weights)."""
+    torch.manual_seed(seed)
+    model = model_from_config(config, info.num_classes, info.image_shape[2])
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None):
+    """A local Ray instance for one benchmark, shut down afterwards."""
+    import ray
+
+    ray.init(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1", include_dashboard=False,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def driver_peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib(pid: str) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _ray_worker_pids() -> list[str]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read(5) == b"ray::":
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+class WorkerMemorySampler:
+    """Samples the resident memory of Ray worker processes (``ray::...``) on this machine.
+
+    Or of the processes ``pids``, e.g. the driver's own. Reports the peak of their sum
+    and of the largest single process. Linux-only (reads /proc); returns zeros
+    elsewhere. Sampling every ``interval`` seconds can miss short spikes, so the numbers
+    are lower bounds.
+    """
+
+    def __init__(self, interval: float = 0.25, pids: list[int] | None = None) -> None:
+        self.interval = interval
+        self.pids = [str(p) for p in pids] if pids else None
+        self.peak_total = self.peak_single = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sizes = [_rss_mib(p) for p in (self.pids or _ray_worker_pids())]
+            if sizes:
+                self.peak_total = max(self.peak_total, sum(sizes))
+                self.peak_single = max(self.peak_single, max(sizes))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "WorkerMemorySampler":
+        if os.path.isdir("/proc"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

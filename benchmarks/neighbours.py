@@ -1,0 +1,331 @@
+"""Benchmark 1: neighbour search, rayprune's kNN paths against faiss and the reference code.
+
+On the same seeded, clustered Gaussian embeddings, in one process and with one thread
+count, it times
+
+* ``exact``: ``knn_search(method="exact")``, rayprune's blocked PyTorch search, and
+  ``extrapolate_scores`` on top of it (search plus the weighted score mean);
+* ``faiss flat``: ``faiss.IndexFlatL2``, the usual exact baseline;
+* ``naive``: the published reference code's approach, written out here: batches of 16
+  queries, a ``16 x references x dims`` difference tensor, its norm, then top-k. It is so
+  slow that only a subsample of queries is timed and its throughput extrapolated;
+* ``approx``: ``knn_search(method="approx")``, faiss HNSW. The call builds its index
+  every time, so the build is timed apart and the search on a built index is timed
+  beside the others; both ratios (one call over all queries, and search alone) are
+  reported, with recall@k of a real ``knn_search`` call against the exact neighbours.
+
+All variants run chunk by chunk in rotating order, so load from other processes on a
+shared machine hits them alike. Exact, faiss flat and naive must find the same
+neighbours (ties aside) or the benchmark fails: a fast wrong search is worth nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.report import BenchResult, Comparison
+from rayprune.scoring import (
+    ExtrapolationConfig,
+    SearchOptions,
+    extrapolate_scores,
+    knn_search,
+)
+from rayprune.scoring.neighbours import hnsw_index
+
+logger = logging.getLogger(__name__)
+
+K = ExtrapolationConfig().k  # the job's default k
+# Same references and dims in "small" and "full": only the number of queries differs, so
+# per-query throughputs (and their ratios) carry over; "small" just times fewer queries.
+PRESETS = {
+    "ci": {"queries": 2_000, "references": 1_000, "dims": 32, "k": K, "clusters": 10, "chunks": 4,
+           "repeats": 1, "naive_seconds": 0.2},
+    "small": {"queries": 50_000, "references": 50_000, "dims": 128, "k": K, "clusters": 100, "chunks": 10,
+              "repeats": 2, "naive_seconds": 2.0},
+    "full": {"queries": 1_000_000, "references": 50_000, "dims": 128, "k": K, "clusters": 100, "chunks": 50,
+             "repeats": 1, "naive_seconds": 10.0},
+}
+SEED = 0
+CENTRE_SPREAD = 2.0  # std of cluster centres per dim, relative to the within-cluster std of 1
+NAIVE_BATCH = 16  # the reference code's query batch
+WARMUP_QUERIES = 256
+TIE_RTOL = 1e-4  # float64 distances of two neighbour sets closer than this count as ties
+
+
+def clustered_embeddings(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``n`` float32 points, each a random centre plus unit Gaussian noise."""
+    labels = rng.integers(0, len(centres), n)
+    noise = rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
+    return noise + centres[labels]
+
+
+def make_data(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and references drawn from one seeded Gaussian mixture."""
+    rng = np.random.default_rng(SEED)
+    centres = rng.standard_normal((p["clusters"], p["dims"]), dtype=np.float32) * CENTRE_SPREAD
+    return clustered_embeddings(p["queries"], centres, rng), clustered_embeddings(p["references"], centres, rng)
+
+
+def faiss_flat(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss exact search; returns (Euclidean distances, indices) like ``knn_search``."""
+    import faiss
+
+    index = faiss.IndexFlatL2(references.shape[1])
+    index.add(references)
+    sq_dist, idx = index.search(queries, k)
+    return np.sqrt(np.clip(sq_dist, 0.0, None)), idx
+
+
+def naive_search(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference code's search: a broadcast difference tensor per batch of 16 queries."""
+    refs = torch.from_numpy(references)
+    dist, idx = [], []
+    with torch.inference_mode():
+        for q0 in range(0, len(queries), NAIVE_BATCH):
+            q = torch.from_numpy(queries[q0 : q0 + NAIVE_BATCH])
+            d = (q[:, None, :] - refs[None, :, :]).norm(dim=2)
+            best = torch.topk(d, k, dim=1, largest=False)
+            dist.append(best.values.numpy())
+            idx.append(best.indices.numpy())
+    return np.concatenate(dist), np.concatenate(idx)
+
+
+def naive_per_chunk(queries: np.ndarray, references: np.ndarray, k: int, seconds: float, chunks: int) -> int:
+    """Queries (whole batches of 16) per chunk for the naive search to run about ``seconds`` in all."""
+    naive_search(queries[:NAIVE_BATCH], references, k)  # warm-up
+    start = time.perf_counter()
+    naive_search(queries[: 2 * NAIVE_BATCH], references, k)
+    per_batch = (time.perf_counter() - start) / 2
+    batches = max(1, math.ceil(seconds / max(per_batch, 1e-9) / chunks))
+    return min(len(queries) // chunks, batches * NAIVE_BATCH)
+
+
+def true_distances(queries: np.ndarray, references: np.ndarray, idx: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Float64 distances from each query to the references ``idx`` names, computed directly."""
+    out = np.empty(idx.shape, dtype=np.float64)
+    for r0 in range(0, len(idx), block):
+        q = queries[r0 : r0 + block].astype(np.float64)[:, None, :]
+        out[r0 : r0 + block] = np.sqrt(((q - references[idx[r0 : r0 + block]]) ** 2).sum(axis=2))
+    return out
+
+
+def agreement(queries: np.ndarray, references: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> dict:
+    """Whether two exact searches found the same neighbours, ties (equal distances) aside.
+
+    Rows whose index lists differ are re-measured in float64: if both lists have the
+    same sorted distances (within ``TIE_RTOL``) the difference is a tie, not an error.
+    """
+    differ = np.flatnonzero((idx_a != idx_b).any(axis=1))
+    bad = 0
+    if len(differ):
+        d_a = np.sort(true_distances(queries[differ], references, idx_a[differ]), axis=1)
+        d_b = np.sort(true_distances(queries[differ], references, idx_b[differ]), axis=1)
+        bad = int((~np.isclose(d_a, d_b, rtol=TIE_RTOL, atol=0.0)).any(axis=1).sum())
+    return {"identical_index_fraction": float((idx_a == idx_b).mean()), "rows_differing_by_ties": len(differ) - bad,
+            "rows_disagreeing": bad, "agrees": bad == 0}
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true k nearest neighbours that ``found`` contains."""
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2)
+    return float(hits.mean())
+
+
+def time_interleaved(variants: dict[str, Callable], n: int, chunks: int, repeats: int):
+    """Time per-chunk variants chunk by chunk, rotating their order from chunk to chunk, so
+    a burst of load from other processes hits every variant alike.
+
+    Each variant takes a slice of the queries and returns neighbour indices. Returns per
+    variant the sum over chunks of each chunk's fastest round (the least disturbed
+    measurement), every round's total, and the first round's indices.
+    """
+    bounds = np.linspace(0, n, chunks + 1).astype(int)
+    names = list(variants)
+    times = {name: np.zeros((repeats, chunks)) for name in names}
+    parts: dict[str, list] = {name: [] for name in names}
+    for rep in range(repeats):
+        for c in range(chunks):
+            shift = (rep + c) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                idx = variants[name](slice(bounds[c], bounds[c + 1]))
+                times[name][rep, c] = time.perf_counter() - start
+                if rep == 0:
+                    parts[name].append(idx)
+        logger.info("neighbours round %d: %s", rep, ", ".join(f"{name} {t[rep].sum():.2f} s"
+                                                            for name, t in times.items()))
+    best = {name: float(t.min(axis=0).sum()) for name, t in times.items()}
+    rounds = {name: t.sum(axis=1).tolist() for name, t in times.items()}
+    return best, rounds, {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def timed(fn: Callable) -> tuple[float, object]:
+    """Wall seconds of one call of ``fn``, and its result."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def warm_up(queries: np.ndarray, references: np.ndarray, k: int) -> None:
+    """First calls pay one-off costs (thread pools, BLAS initialisation): keep them out."""
+    few = queries[:WARMUP_QUERIES]
+    knn_search(few, references, k)
+    faiss_flat(few, references, k)
+
+
+def set_faiss_threads(threads: int) -> int:
+    """Give faiss (OpenMP) the same thread count as torch; returns what faiss reports."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    return int(faiss.omp_get_max_threads())
+
+
+def faiss_simd() -> str | None:
+    """The SIMD level faiss dispatches to (None where faiss cannot say)."""
+    import faiss
+
+    config = getattr(faiss, "SIMDConfig", None)
+    return config.get_level_name() if config is not None else None
+
+
+def measure(p: dict, queries: np.ndarray, references: np.ndarray, naive_n: int) -> dict:
+    """Time every variant; returns best and per-round seconds, neighbour indices, naive rows
+    and the approx index build and single-call times."""
+    k, chunks = p["k"], p["chunks"]
+    exact, approx = SearchOptions(), SearchOptions(method="approx")
+    scores = np.random.default_rng(SEED + 1).random(len(references))
+    config = ExtrapolationConfig(k=k, search=exact)
+    # The index knn_search(method="approx") builds on every call, built once here so its
+    # search can be timed chunk by chunk beside the others; its build is timed apart.
+    builds = [timed(lambda: hnsw_index(references, approx, k))]
+    index = builds[0][1]
+    variants = {
+        "exact": lambda s: knn_search(queries[s], references, k, exact)[1],
+        "faiss_flat": lambda s: faiss_flat(queries[s], references, k)[1],
+        "exact_extrapolation": lambda s: extrapolate_scores(references, scores, queries[s], config).indices,
+        "naive": lambda s: naive_search(queries[s][:naive_n], references, k)[1],
+        "approx_search": lambda s: index.search(queries[s], k)[1],
+    }
+    best, rounds, idx = time_interleaved(variants, len(queries), chunks, p["repeats"])
+    builds += [timed(lambda: hnsw_index(references, approx, k)) for _ in range(p["repeats"] - 1)]
+    # The product's own path once, for its recall and as a check on build + search.
+    call_seconds, (_, idx["approx"]) = timed(lambda: knn_search(queries, references, k, approx))
+    starts = np.linspace(0, len(queries), chunks + 1).astype(int)[:-1]
+    return {"best": best, "rounds": rounds, "idx": idx, "build_seconds": min(t for t, _ in builds),
+            "call_seconds": call_seconds,
+            "naive_rows": np.concatenate([np.arange(b, b + naive_n) for b in starts])}
+
+
+def run(preset: str, workdir: Path) -> BenchResult:
+    """Time the four searches side by side on one data set; see the module docstring."""
+    p = PRESETS[preset]
+    k, n = p["k"], p["queries"]
+    torch_threads = torch.get_num_threads()
+    faiss_threads = set_faiss_threads(torch_threads)
+    queries, references = make_data(p)
+    warm_up(queries, references, k)
+    naive_n = naive_per_chunk(queries, references, k, p["naive_seconds"], p["chunks"])
+    logger.info("neighbours: %d queries x %d references x %d dims, k=%d, %d torch / %d faiss threads; "
+                "naive on %d queries per chunk", n, len(references), p["dims"], k, torch_threads,
+                faiss_threads, naive_n)
+    m = measure(p, queries, references, naive_n)
+    checks = check_results(queries, references, m["idx"], m["naive_rows"])
+    recall = recall_at_k(m["idx"]["approx"], m["idx"]["exact"])
+
+    counts = dict.fromkeys(m["best"], n) | {"naive": len(m["naive_rows"])}
+    qps = {name: counts[name] / seconds for name, seconds in m["best"].items()}
+    # What one knn_search(method="approx") call over all queries costs: a build, then the search.
+    qps["approx_call"] = n / (m["build_seconds"] + m["best"]["approx_search"])
+    params = {**p, "seed": SEED, "centre_spread": CENTRE_SPREAD, "torch_threads": torch_threads,
+              "faiss_threads": faiss_threads, "faiss_simd": faiss_simd()}
+    result = BenchResult("neighbours", preset, params)
+    extra = row_details(checks, recall, k, m)
+    extra["approx_search"]["one_call_queries_per_s"] = qps["approx_call"]
+    result.rows = [{"variant": name, "queries_timed": count, "best_seconds": m["best"][name],
+                    "round_seconds": m["rounds"][name], "queries_per_s": qps[name], **extra.get(name, {})}
+                   for name, count in counts.items()]
+    result.comparisons = comparisons(qps, recall, k, len(m["naive_rows"]), m["build_seconds"])
+    result.notes = notes(p, k, len(m["naive_rows"]), torch_threads, faiss_threads, checks["faiss"], recall,
+                         m["build_seconds"])
+    return result
+
+
+def check_results(queries: np.ndarray, references: np.ndarray, idx: dict, naive_rows: np.ndarray) -> dict:
+    """Exact, faiss flat, extrapolation and naive must agree (ties aside); raise if not."""
+    exact = idx["exact"]
+    checks = {"faiss": agreement(queries, references, exact, idx["faiss_flat"]),
+              "naive": agreement(queries[naive_rows], references, exact[naive_rows], idx["naive"]),
+              "extrapolation_same": bool(np.array_equal(idx["exact_extrapolation"], exact))}
+    for name, key in (("faiss IndexFlatL2", "faiss"), ("the naive search", "naive")):
+        if not checks[key]["agrees"]:
+            raise RuntimeError(f"exact search and {name} disagree on {checks[key]['rows_disagreeing']} queries "
+                               f"beyond ties")
+    if not checks["extrapolation_same"]:
+        raise RuntimeError("extrapolate_scores used other neighbours than knn_search(method='exact')")
+    return checks
+
+
+def row_details(checks: dict, recall: float, k: int, m: dict) -> dict[str, dict]:
+    """Per-variant fields beyond the timings: settings and correctness checks."""
+    exact, approx = SearchOptions(), SearchOptions(method="approx")
+    return {
+        "exact": {"query_block": exact.query_block, "reference_block": exact.reference_block},
+        "faiss_flat": {"agrees_with_exact": checks["faiss"]["agrees"], **checks["faiss"]},
+        "exact_extrapolation": {"same_neighbours_as_exact": checks["extrapolation_same"]},
+        "naive": {"batch": NAIVE_BATCH, "agrees_with_exact": checks["naive"]["agrees"],
+                  "subsample": len(m["naive_rows"]) < len(m["idx"]["exact"])},
+        "approx_search": {f"recall_at_{k}": recall, "index_build_seconds": m["build_seconds"],
+                          "knn_search_call_seconds": m["call_seconds"], "hnsw_m": approx.hnsw_m,
+                          "ef_construction": approx.hnsw_ef_construction, "ef_search": approx.hnsw_ef_search},
+    }
+
+
+def comparisons(qps: dict, recall: float, k: int, n_naive: int, build_seconds: float) -> list[Comparison]:
+    """The issue's targets as ratios; exact extrapolation and approx search are each shown two ways."""
+    metric = "queries/s"
+    return [
+        Comparison("exact search", "faiss IndexFlatL2", "rayprune exact", metric, qps["faiss_flat"], qps["exact"],
+                   target=0.9, note="same threads, same data"),
+        Comparison("exact extrapolation", "faiss IndexFlatL2 (search only)", "rayprune extrapolate_scores", metric,
+                   qps["faiss_flat"], qps["exact_extrapolation"], target=0.9,
+                   note="search plus the weighted score mean, against faiss doing the search alone"),
+        Comparison("exact search", "naive reference code", "rayprune exact", metric, qps["naive"], qps["exact"],
+                   target=50, note=f"naive timed on {n_naive:,} queries, queries/s extrapolated"),
+        Comparison("approximate search, one call over all queries", "rayprune exact", "rayprune approx (HNSW)",
+                   metric, qps["exact"], qps["approx_call"], target=5,
+                   note=f"recall@{k} {recall:.3f}; index build ({build_seconds:.1f} s) plus search"),
+        Comparison("approximate search, index built once", "rayprune exact", "rayprune approx (HNSW)", metric,
+                   qps["exact"], qps["approx_search"], target=5,
+                   note=f"recall@{k} {recall:.3f}; search only, as if the index were kept between calls"),
+        Comparison("approximate search quality", "required recall", "rayprune approx (HNSW)", f"recall@{k}", 0.95,
+                   recall, target=1.0, note="ratio = recall / 0.95: met means recall >= 0.95"),
+    ]
+
+
+def notes(p: dict, k: int, n_naive: int, torch_threads: int, faiss_threads: int, vs_faiss: dict, recall: float,
+          build_seconds: float) -> list[str]:
+    """What was measured, in words."""
+    data = (f"{p['queries']:,} queries x {p['references']:,} references x {p['dims']} dims (float32, "
+            f"{p['clusters']} Gaussian clusters, seed {SEED}), k={k}; {torch_threads} torch threads, "
+            f"{faiss_threads} faiss threads")
+    timing = (f"every variant timed chunk by chunk ({p['chunks']} chunks, order rotated per chunk, each call "
+              f"doing its own set-up except the HNSW search, whose index is built once and timed apart); "
+              f"per chunk the fastest of {p['repeats']} round(s)")
+    naive = (f"naive reference search (batches of {NAIVE_BATCH}, broadcast difference tensor) timed on "
+             f"{n_naive:,} of the {p['queries']:,} queries (the start of every chunk); its queries/s is "
+             f"extrapolated from them")
+    agree = (f"exact vs faiss flat: {vs_faiss['identical_index_fraction']:.4%} of neighbour indices identical, "
+             f"{vs_faiss['rows_differing_by_ties']} queries differ only by ties, "
+             f"{vs_faiss['rows_disagreeing']} disagree")
+    approx = (f"approx (HNSW, SearchOptions defaults) recall@{k} = {recall:.4f} against the exact neighbours "
+              f"(from one real knn_search call); knn_search builds the index ({build_seconds:.1f} s here) on "
+              f"every call, so its speed-up depends on how many queries one call serves")
+    return [data, timing, naive, agree, approx]

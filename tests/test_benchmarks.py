@@ -1,0 +1,132 @@
+"""The benchmark suite runs in CI-sized form and produces well-formed results (never its speed)."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.report import BenchResult, Comparison, markdown_table, write_json
+from benchmarks.run import run_suite
+
+
+def test_comparison_ratio_when_higher_is_better():
+    c = Comparison("search", "base", "cand", "queries/s", baseline_value=200.0, candidate_value=500.0, target=2.0)
+    assert c.ratio == pytest.approx(2.5)  # 500 / 200
+    assert c.met is True
+    assert Comparison("s", "b", "c", "q/s", 200.0, 300.0, target=2.0).met is False  # 1.5 < 2
+
+
+def test_comparison_ratio_when_lower_is_better():
+    c = Comparison("run", "base", "cand", "seconds", baseline_value=30.0, candidate_value=12.0,
+                   higher_is_better=False, target=2.0)
+    assert c.ratio == pytest.approx(2.5)  # 30 / 12: the candidate takes less time, so it wins
+    assert c.met is True
+    slower = Comparison("run", "b", "c", "seconds", 10.0, 40.0, higher_is_better=False, target=0.5)
+    assert slower.ratio == pytest.approx(0.25)
+    assert slower.met is False
+
+
+def test_comparison_without_target_or_with_zero_denominator():
+    assert Comparison("x", "b", "c", "m", 1.0, 2.0).met is None
+    assert Comparison("x", "b", "c", "m", 0.0, 2.0).ratio == math.inf
+    assert Comparison("x", "b", "c", "m", 2.0, 0.0, higher_is_better=False).ratio == math.inf
+    assert Comparison("x", "b", "c", "m", 2.0, 1.0, target=1.0).to_dict()["ratio"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def neighbours_ci() -> BenchResult:
+    (result,) = run_suite("ci", only=["neighbours"])
+    return result
+
+
+def test_neighbours_benchmark_is_well_formed(neighbours_ci):
+    res = neighbours_ci
+    assert res.benchmark == "neighbours" and res.preset == "ci" and res.seconds > 0
+    assert len(res.comparisons) == 6 and res.notes
+    for c in res.comparisons:
+        for value in (c.baseline_value, c.candidate_value, c.ratio):
+            assert math.isfinite(value) and value > 0, c
+        assert c.target is not None and isinstance(c.met, bool)
+    rows = {row["variant"]: row for row in res.rows}
+    assert set(rows) == {"exact", "faiss_flat", "exact_extrapolation", "naive", "approx_search"}
+    for row in rows.values():
+        assert row["queries_timed"] > 0 and row["queries_per_s"] > 0
+    assert rows["naive"]["queries_timed"] <= res.params["queries"]  # usually a subsample
+    assert rows["faiss_flat"]["agrees_with_exact"] is True
+    assert rows["naive"]["agrees_with_exact"] is True
+    assert rows["exact_extrapolation"]["same_neighbours_as_exact"] is True
+    recall = rows["approx_search"][f"recall_at_{res.params['k']}"]
+    assert 0.0 <= recall <= 1.0
+    assert recall >= 0.95  # the ci data set is small and easy: HNSW is all but exhaustive there
+    assert res.params["torch_threads"] == res.params["faiss_threads"]
+
+
+def test_neighbours_table_and_json(neighbours_ci, tmp_path):
+    table = markdown_table([neighbours_ci])
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(neighbours_ci.comparisons)
+    for c in neighbours_ci.comparisons:
+        assert sum(f"{c.what}: {c.candidate} vs {c.baseline}" in line for line in lines) == 1
+    path = tmp_path / "out" / "bench.json"
+    write_json([neighbours_ci], path, "ci")
+    data = json.loads(path.read_text())
+    assert data["preset"] == "ci"
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["faiss"] and data["machine"]["torch"]
+    (saved,) = data["results"]
+    assert saved["benchmark"] == "neighbours"
+    assert [c["ratio"] for c in saved["comparisons"]] == pytest.approx([c.ratio for c in neighbours_ci.comparisons])
+
+
+RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "end_to_end"]
+
+
+@pytest.fixture(scope="module")
+def ray_suite_ci(tmp_path_factory):
+    """The Ray benchmarks at their CI size, through the same entry point as the command."""
+    from benchmarks.run import main
+
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    assert main(["--preset", "ci", "--only", ",".join(RAY_BENCHMARKS), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ray_benchmarks_run_and_write_well_formed_results(ray_suite_ci):
+    results = {r["benchmark"]: r for r in ray_suite_ci["results"]}
+    assert set(results) == {"embedding", "training_step", "scaling", "end_to_end", "fidelity"}
+    assert ray_suite_ci["preset"] == "ci" and ray_suite_ci["machine"]["cpus"] >= 1
+    for name, res in results.items():
+        assert res["comparisons"], name
+        for c in res["comparisons"]:
+            assert math.isfinite(c["ratio"]) and c["baseline_value"] != 0, (name, c)
+            assert c["met"] is None or c["met"] == (c["ratio"] >= c["target"]), (name, c)
+    # The two paths of the embedding and training benchmarks did the same work.
+    assert all(row["max_embedding_difference"] <= 1e-3 for row in results["embedding"]["rows"])
+    assert results["training_step"]["rows"][0]["max_loss_difference"] <= 1e-3
+
+
+@pytest.mark.slow
+def test_end_to_end_compute_matches_the_budget_formula(ray_suite_ci):
+    """Recording passes: epochs x (attack steps + 2) per scored sample, counted independently here."""
+    from benchmarks.end_to_end import PRESETS
+
+    p = PRESETS["ci"]
+    rows = {r["run"]: r for r in next(r for r in ray_suite_ci["results"] if r["benchmark"] == "end_to_end")["rows"]}
+    per_sample = p["train.epochs"] * (p["attack.steps"] + 2)
+    for run in ("subset", "full", "full_seed1"):
+        assert rows[run]["recording_passes"] == rows[run]["scored"] * per_sample
+    assert rows["full"]["scored"] == p["pool.demo.n_synthetic"]  # every prunable sample scored
+    assert rows["subset"]["scored"] == round(0.1 * p["pool.demo.n_synthetic"])
+    assert rows["subset"]["training_passes"] == rows["full"]["training_passes"]  # the same step budget
+    fidelity = next(r for r in ray_suite_ci["results"] if r["benchmark"] == "fidelity")
+    assert all(-1.0 <= row["spearman_vs_full"] <= 1.0 for row in fidelity["rows"])
+
+
+@pytest.mark.slow
+def test_scaling_reports_every_size(ray_suite_ci):
+    from benchmarks.scaling import PRESETS
+
+    scaling = next(r for r in ray_suite_ci["results"] if r["benchmark"] == "scaling")
+    assert [row["rows"] for row in scaling["rows"]] == PRESETS["ci"]["sizes"]
+    for row in scaling["rows"]:
+        assert row["seconds"] > 0 and row["driver_peak_mib"] > 0 and row["workers_peak_total_mib"] > 0
