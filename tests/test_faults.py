@@ -114,6 +114,17 @@ class Killer(threading.Thread):
             time.sleep(0.1)
 
 
+def run_job_with_killer(out: Path, killer: Killer) -> Killer:
+    """Run the job while ``killer`` watches; always stop the watcher."""
+    killer.start()
+    try:
+        run_job(out)
+    finally:
+        killer.stop.set()
+        killer.join()
+    return killer
+
+
 def test_training_worker_killed_mid_run_resumes_without_lost_or_repeated_epochs(reference, tmp_path):
     out = tmp_path / "out"
     records = out / "score_subset" / "records"
@@ -122,13 +133,7 @@ def test_training_worker_killed_mid_run_resumes_without_lost_or_repeated_epochs(
         done = sorted(p.name for p in records.glob("epoch_*.parquet")) if records.exists() else []
         return done if len(done) >= 2 else None
 
-    killer = Killer(after_second_epoch, "RayTrainWorker")
-    killer.start()
-    try:
-        run_job(out)
-    finally:
-        killer.stop.set()
-        killer.join()
+    killer = run_job_with_killer(out, Killer(after_second_epoch, "RayTrainWorker"))
     assert killer.killed, "the training worker was never killed: the test proved nothing"
     assert len(killer.state_at_kill) < EPOCHS, f"killed only after the last epoch: {killer.state_at_kill}"
     names = sorted(p.name for p in records.glob("epoch_*.parquet"))
@@ -145,13 +150,7 @@ def test_embedding_actor_killed_mid_stream_still_scores_every_id_once(reference,
     def streaming():
         return partial.exists() and list(partial.glob("*.parquet")) or None
 
-    killer = Killer(streaming, "Embedder")
-    killer.start()
-    try:
-        run_job(out)
-    finally:
-        killer.stop.set()
-        killer.join()
+    killer = run_job_with_killer(out, Killer(streaming, "Embedder"))
     assert killer.killed, "no embedding actor was killed: the test proved nothing"
     got = outputs(out)
     assert_same_results(got, reference)  # includes: every pool id exactly once
