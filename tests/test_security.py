@@ -1,4 +1,4 @@
-"""Security (issue 6): nothing untrusted is unpickled; output paths stay in the output directory."""
+"""Security (issue 6): nothing untrusted is unpickled; output paths stay in the output directory; local Ray keeps token auth."""
 
 import ast
 from pathlib import Path
@@ -105,3 +105,91 @@ def test_pool_file_names_cannot_leave_the_pool(tmp_path):
                                                         "sources": {"real": 1}, "files": [name]}))
         with pytest.raises(PoolError, match="plain names inside the pool"):
             read_pool_info(tmp_path)
+
+
+
+# Runs in a fresh process with the product's defaults (token auth on, no RAY_ADDRESS):
+# starts the job's local Ray, lists every new listening TCP socket with its owning
+# process, and tries to join the cluster from a second process that has no token.
+_PROBE = """
+import json, os, subprocess, sys
+from rayprune.config import RayConfig
+from rayprune.stages.resources import connect
+
+def listeners():
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A":  # LISTEN
+                    out[cols[9]] = cols[1]  # inode -> hex address:port
+    return out
+
+def owners(inodes):
+    named = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            name = open(f"/proc/{pid}/comm").read().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # the process ended
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # that descriptor closed meanwhile
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                named[link[8:-1]] = name
+    return named
+
+before = set(listeners().values())
+connect(RayConfig())
+import ray
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+now = listeners()
+new = {inode: addr for inode, addr in now.items() if addr not in before}
+names = owners(set(new))
+still = listeners()  # a socket whose owner could not be read may have closed meanwhile
+new = {inode: addr for inode, addr in new.items() if inode in names or inode in still}
+names.update(owners(set(new) - set(names)))
+gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+joiner = f"import ray; ray.init(address='{ray.util.get_node_ip_address()}:{gcs_port}')"
+env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH="/nonexistent")
+joined = subprocess.run([sys.executable, "-c", joiner], capture_output=True, text=True, env=env, timeout=120)
+print(json.dumps({"listeners": [[addr, names.get(inode, "?")] for inode, addr in new.items()],
+                  "dashboard_port": 8265, "join_rc": joined.returncode, "join_err": joined.stderr[-600:]}))
+ray.shutdown()
+"""
+
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+# Ray 2.60's own servers (GCS, raylet, object manager, core workers, agents). Their gRPC
+# ports bind to every interface or the node IP whatever ray.init is given (127.0.0.1 is
+# resolved to the node IP on purpose); token authentication is what guards them.
+RAY_CORE = ("gcs_server", "raylet", "ray::", "python", "ray")
+
+
+@pytest.mark.slow
+def test_local_mode_keeps_token_auth_and_a_loopback_dashboard():
+    """The job's local Ray: the dashboard (HTTP, no token) is on loopback only, every other
+    listener belongs to Ray itself, and a client without the token cannot join."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs Linux /proc")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    listeners = seen["listeners"]
+    assert listeners, "no listening socket appeared: the probe saw nothing"
+    dashboard = [addr for addr, _ in listeners if addr.endswith(f":{seen['dashboard_port']:04X}")]
+    assert dashboard and all(addr.startswith(LOOPBACK) for addr in dashboard), listeners
+    foreign = [(addr, name) for addr, name in listeners if not name.startswith(RAY_CORE)]
+    assert not foreign, f"listeners not owned by Ray's own processes: {foreign}"
+    assert seen["join_rc"] != 0, "a client without the token joined the job's local Ray"
+    assert "AuthenticationError" in seen["join_err"] or "token" in seen["join_err"].lower(), seen["join_err"]
