@@ -78,3 +78,34 @@ def user_error_message(exc: BaseException) -> str | None:
         return None
 
     return walk(exc) or next((m for m in map(_from_text, texts) if m), None)
+
+
+def _wrapped(e: BaseException) -> list[BaseException]:
+    inner = [getattr(e, a, None) for a in _WRAPPED_ATTRS]
+    inner += list((getattr(e, "worker_failures", None) or {}).values())
+    inner.append(e.__cause__)
+    return [w for w in inner if isinstance(w, BaseException) and w is not e]
+
+
+def error_text(exc: BaseException) -> str:
+    """Everything ``exc`` says about itself: its message, the messages of the exceptions
+    it wraps (Ray's wrappers and explicit causes) and the remote traceback texts."""
+    seen: set[int] = set()
+    parts: list[str] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        parts.append(f"{type(e).__module__}.{type(e).__qualname__}: {e}")
+        parts.extend(t for t in (getattr(e, a, None) for a in _TEXT_ATTRS) if isinstance(t, str))
+        todo.extend(_wrapped(e))
+    return "\n".join(parts)
+
+
+def is_read_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (however Ray wrapped it) came from pyarrow failing to decode data:
+    worth checking the input files to name the broken one."""
+    return bool(re.search(r"pyarrow|parquet|ArrowInvalid|ArrowIOError|snappy|thrift", error_text(exc),
+                          flags=re.IGNORECASE))

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rayprune.config import JobConfig, to_dict
+from rayprune.errors import InputError
 from rayprune.stages.common import digest, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,26 @@ def publish_products(root: Path, score, extrap, selected, final=None, evaluation
     return [Path(p).relative_to(root).as_posix() for p in paths if Path(p).exists()]
 
 
+@contextmanager
+def _naming_unreadable_files(*pools):
+    """If the block fails because pyarrow could not decode data, find the pool file at fault
+    (a full read of ``pools``) and raise a ``PoolError`` naming it instead; otherwise the
+    error passes unchanged. Ray Data's own error only says that a read task failed."""
+    from rayprune.data.pool_check import find_unreadable_data
+    from rayprune.errors import is_read_failure, user_error_message
+
+    try:
+        yield
+    except Exception as exc:
+        if user_error_message(exc) is None and is_read_failure(exc):
+            for pool in pools:
+                try:
+                    find_unreadable_data(pool)
+                except InputError as found:
+                    raise found from exc
+        raise
+
+
 def run_pipeline(config: JobConfig) -> RunSummary:
     """Run the whole job on the Ray cluster the config points at (or a local one).
 
@@ -163,18 +184,18 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     with _stage(summary, tracker, "pool"):
         pool = run_pool(config, root)
         jt.log_pool_dataset(tracker, "pool", pool.info, pool.digest, pool.path, "pool")
-    with _stage(summary, tracker, "split"):
+    with _stage(summary, tracker, "split"), _naming_unreadable_files(pool.path):
         split = run_split(config, pool, root)
         tracker.log_dataset("scored subset", digest=split.digest, source=str(split.subset_dir), context="scoring",
                             num_rows=len(split.subset_ids), schema=jt.POOL_SCHEMA)
     with _stage(summary, tracker, "score_subset") as scoring_run_id:
         score = run_score(config, pool, split, root, plan)
         jt.log_history(tracker, score.history, ("loss", "lr", "clean_acc", "adv_acc"))
-    with _stage(summary, tracker, "extrapolate"):
+    with _stage(summary, tracker, "extrapolate"), _naming_unreadable_files(pool.path):
         extrap = run_extrapolate(config, pool, split, score, root, plan)
         jt.log_scores(tracker, extrap.scores_dir)
         jt.log_probe(tracker, extrap.quality, extrap.probe_file)
-    with _stage(summary, tracker, "select"):
+    with _stage(summary, tracker, "select"), _naming_unreadable_files(pool.path):
         selected = run_select(config, pool, extrap, root)
         jt.log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
                             selected.pruned_pool, "training")
@@ -187,7 +208,8 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
             jt.log_final(tracker, final.history)
         with _stage(summary, tracker, "evaluate"):
             test = run_test_pool(config, root)
-            evaluation = run_evaluate(config, test, final.model_file, final.digest, root, plan)
+            with _naming_unreadable_files(test.path):
+                evaluation = run_evaluate(config, test, final.model_file, final.digest, root, plan)
             jt.log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
             tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
         with _stage(summary, tracker, "register"):

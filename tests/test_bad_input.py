@@ -110,6 +110,64 @@ def test_corrupt_id_data_is_named(tmp_path):
         check_pool(pool)
 
 
+
+def break_a_page(part: Path, row_groups: int = 4, broken: int = 2) -> None:
+    """Rewrite ``part`` in ``row_groups`` row groups and make its image column undecodable
+    in row group ``broken``. Footer and first row group stay intact: the preflight passes."""
+    table = pq.read_table(part)
+    pq.write_table(table, part, row_group_size=-(-table.num_rows // row_groups), data_page_size=4096,
+                   use_dictionary=["label", "source"])
+    chunk = pq.ParquetFile(part).metadata.row_group(broken).column(1)
+    assert chunk.path_in_schema == "image" and not chunk.has_dictionary_page
+    raw = bytearray(part.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    raw[middle:middle + 200] = b"\xff" * 200
+    part.write_bytes(bytes(raw))
+
+
+def pool_with_a_broken_page(path: Path, n: int = 2000) -> Path:
+    """A one-file pool whose image column does not decode in rows 1000-1499 (row group 2)."""
+    images = encode_images(np.random.default_rng(0).integers(0, 256, (n, *SHAPE), dtype=np.uint8))
+    (part,) = raw_pool(path, [rows(np.arange(n), images=images)])
+    break_a_page(part)
+    return part
+
+
+def test_a_broken_page_deep_in_a_file_is_found_and_named(tmp_path):
+    from rayprune.data.pool_check import find_unreadable_data
+
+    good_pool(tmp_path / "good")
+    find_unreadable_data(tmp_path / "good")  # everything decodes: no error
+    part = pool_with_a_broken_page(tmp_path / "p")
+    check_pool(tmp_path / "p")  # the cheap preflight does not read that far
+    with pytest.raises(OSError):
+        pq.read_table(part)  # ... but a full read fails, as it would inside Ray Data
+    expect([part, "row group 2 (rows 1000-1499)", "column 'image'", "cannot be decoded"], find_unreadable_data,
+           tmp_path / "p", error=PoolError)
+
+
+def test_a_failed_read_is_turned_into_an_error_naming_the_file(tmp_path):
+    from rayprune.pipeline import _naming_unreadable_files
+
+    class RemoteFailure(RuntimeError):
+        """Like Ray's wrappers: no __cause__ after pickling, the remote traceback as text."""
+
+        traceback_str = 'File "pyarrow/_parquet.pyx", line 1, in read\nOSError: Corrupt snappy compressed data.'
+
+    part = pool_with_a_broken_page(tmp_path / "p")
+    with pytest.raises(PoolError, match=re.escape(str(part))) as found:
+        with _naming_unreadable_files(tmp_path / "p"):
+            raise RemoteFailure("a read task failed")
+    assert isinstance(found.value.__cause__, RemoteFailure)
+    good_pool(tmp_path / "good")
+    with pytest.raises(RemoteFailure):  # nothing to blame on the pool: the error passes unchanged
+        with _naming_unreadable_files(tmp_path / "good"):
+            raise RemoteFailure("a read task failed")
+    with pytest.raises(ConnectionError):  # not a read failure: no full read, unchanged
+        with _naming_unreadable_files(tmp_path / "p"):
+            raise ConnectionError("node lost")
+
+
 @pytest.mark.parametrize(
     "table, parts",
     [
@@ -458,10 +516,25 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- through Ray (the lead runs it)
 
 
+def _short_image(part: Path) -> str:
+    table = pq.read_table(part)
+    images = table["image"].to_pylist()
+    images[150] = images[150][:-1]  # id 350: one byte short, far beyond the preflight's sample
+    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), part)
+    return "id 350: image has 191 bytes"
+
+
+def _broken_page(part: Path) -> str:
+    break_a_page(part)
+    return f"{part}, row group 2 (rows 100-149): column 'image' cannot be decoded"
+
+
 @pytest.mark.slow
-def test_bad_image_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path):
-    """An image the preflight's sample misses fails inside a Ray Data actor; the CLI still
-    prints one line naming the id, exits 2, and commits no stage or model."""
+@pytest.mark.parametrize("damage", [_short_image, _broken_page], ids=["short-image", "broken-page"])
+def test_bad_data_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path, damage):
+    """Data the preflight's sample misses fails inside Ray Data; the CLI still prints one
+    line naming the id (a wrong image size) or the file, row group and column (a page
+    that does not decode), exits 2, and commits no stage or model."""
     from conftest import tiny_job_flags
 
     from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
@@ -471,10 +544,7 @@ def test_bad_image_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path):
     pool, out, db = tmp_path / "pool", tmp_path / "out", tmp_path / "mlflow.db"
     with PoolWriter(pool, image_shape=(8, 8, 3), num_classes=3, rows_per_file=200) as writer:
         writer.add(demo.ids, demo.images, demo.labels, demo.sources)
-    table = pq.read_table(pool / "part-00001.parquet")
-    images = table["image"].to_pylist()
-    images[150] = images[150][:-1]  # id 350: one byte short, far beyond the preflight's sample
-    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), pool / "part-00001.parquet")
+    expected = damage(pool / "part-00001.parquet")
     result = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "prune.py"), *tiny_job_flags(), "--pool.path", str(pool),
          "--output-dir", str(out), "--tracking.enabled", "true", "--tracking.uri", f"sqlite:///{db}",
@@ -484,7 +554,7 @@ def test_bad_image_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-4000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("rayprune: error: ")]
-    assert len(errors) == 1 and "id 350: image has 191 bytes" in errors[0], result.stderr[-4000:]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-4000:]
     assert not list(out.glob("*/_COMMITTED.json")) and not (out / "manifest.json").exists()
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from registered_models").fetchone()[0] == 0

@@ -6,13 +6,21 @@ label statistics of each row group (the label column itself only where a file ha
 statistics) and the first few images of every file. It never reads the pool's images
 whole: an image of the wrong size further into a file is caught, naming its id, where the
 rows are read anyway (the split stage's row filter, ``decode_images``).
+
+Corrupt data further into a file (a broken page) makes pyarrow fail wherever the rows
+are read, inside Ray Data. :func:`find_unreadable_data` then reads the whole pool,
+column by column, to name the file, row group and column; the pipeline runs it only
+after such a failure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 import numpy as np
 import pyarrow as pa
@@ -164,3 +172,31 @@ def check_pool(path: str | Path) -> PoolInfo:
     logger.info("pool %s checked: %d rows in %d file(s), %d classes, images %s", path, rows, len(files),
                 info.num_classes, "x".join(map(str, info.image_shape)))
     return info
+
+
+def find_unreadable_data(path: str | Path) -> None:
+    """Decode every value of the pool at ``path`` and raise a ``PoolError`` naming the first
+    file, row group (with its rows) and column pyarrow cannot read. Returns quietly if
+    everything decodes. Costs a full read of the pool, one column chunk in memory at a time.
+
+    Data altered without breaking its encoding (flipped bytes inside an image) decodes
+    fine and is not found: the pool files carry no page checksums.
+    """
+    info = read_pool_info(path)
+    files = pool_files(path, info)
+    fs, paths = storage.files_on(files) if storage.is_uri(str(path)) else (None, files)
+    logger.warning("reading every value of the %d file(s) of %s to find the unreadable one", len(files), path)
+    for file, fs_path in tqdm(list(zip(files, paths)), desc=f"checking every value of {path}", unit="file",
+                              disable=len(files) < 2 or not sys.stderr.isatty()):
+        pf = _open(file, fs, fs_path)
+        first = 0
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            for column in pf.schema_arrow.names:
+                try:
+                    pf.read_row_group(rg, columns=[column])
+                except (pa.ArrowException, OSError) as exc:
+                    raise PoolError(f"{file}, row group {rg} (rows {first}-{first + n - 1}): column {column!r} "
+                                    f"cannot be decoded (corrupt file?): {one_line(exc)}; rewrite or remove this "
+                                    f"file") from None
+            first += n
