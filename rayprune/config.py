@@ -19,13 +19,7 @@ import yaml
 
 from rayprune.data.demo_pool import DemoPoolSpec
 from rayprune.errors import InputError
-from rayprune.robust.attacks import NORMS
-from rayprune.robust.evaluation import EVAL_ATTACKS
-from rayprune.robust.loop import AT_LOSSES
-from rayprune.robust.models import MODEL_REGISTRY
-from rayprune.scoring.extrapolate import WEIGHTINGS
-from rayprune.robust.training import SCHEDULES
-from rayprune.scoring.neighbours import METHODS, METRICS
+from rayprune.choices import AT_LOSSES, EVAL_ATTACKS, METHODS, METRICS, MODEL_NAMES, NORMS, SCHEDULES, WEIGHTINGS
 from rayprune.scoring.scores import SCORE_NAMES
 from rayprune.storage import is_uri
 from rayprune.validation import check_choice, check_fraction
@@ -108,7 +102,7 @@ class ModelConfig:
     width: int = 32
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.name, "model.name", tuple(MODEL_REGISTRY))
+        _wrap(check_choice, self.name, "model.name", MODEL_NAMES)
 
 
 @dataclass(frozen=True)

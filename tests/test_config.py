@@ -93,3 +93,21 @@ def test_presets_load_and_demo_preset_is_the_default():
     assert (linf.model.name, linf.train.loss, linf.train.trades_beta, linf.train.batch_size) == ("wrn_28_10", "trades", 5.0, 512)
     assert linf.attack.eps == pytest.approx(8 / 255) and linf.attack.steps == 10
     assert (l2.attack.norm, l2.attack.eps) == ("l2", pytest.approx(128 / 255))
+
+
+def test_config_and_row_copying_stages_do_not_import_torch():
+    """Ray Data actors that only copy rows (split, select) import these modules; torch
+    would add seconds to every such actor's start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, rayprune.config, rayprune.stages.prepare; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_option_names_match_what_the_code_implements():
+    from rayprune import choices
+    from rayprune.robust.models import MODEL_REGISTRY
+
+    assert choices.MODEL_NAMES == tuple(MODEL_REGISTRY)

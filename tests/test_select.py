@@ -93,3 +93,21 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="prunable must be a boolean"):
         select_by_score(np.ones(4), keep_fraction=0.5, prunable=np.ones(4))
     assert keep_budget(10, keep_fraction=0.25) == 3  # 2.5 rounds half up
+
+
+def test_filter_by_ids_keeps_exactly_the_rows_a_set_lookup_keeps():
+    import pyarrow as pa
+
+    from rayprune.stages.prepare import filter_by_ids
+
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.arange(-50, 5000, dtype=np.int64))[:3000]
+    table = pa.table({"id": ids, "payload": pa.array([str(i).encode() for i in ids], pa.binary())})
+    for keep in (rng.choice(ids, 400, replace=False), np.array([ids.min() - 1, ids.max() + 1]),
+                 np.array([], np.int64), ids):
+        kept = filter_by_ids(table, np.sort(keep))
+        wanted = set(keep.tolist())
+        expected = [i for i in ids.tolist() if i in wanted]  # order and rows as in the input
+        assert kept["id"].to_pylist() == expected
+        assert kept["payload"].to_pylist() == [str(i).encode() for i in expected]
+        assert kept.schema == table.schema

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayprune.choices import NORMS
+
 Norm = Literal["linf", "l2"]
 AttackLoss = Literal["ce", "kl", "cw"]
 
-NORMS: tuple[str, ...] = ("linf", "l2")
 ATTACK_LOSSES: tuple[str, ...] = ("ce", "kl", "cw")
 
 # Guards the division by the gradient norm in L2 steps (zero gradient -> no move).

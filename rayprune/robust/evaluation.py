@@ -30,12 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rayprune.choices import EVAL_ATTACKS
 from rayprune.robust.apgd import apgd_attack, apgd_targeted
 from rayprune.robust.attacks import NORMS, AttackConfig, Norm, _check_inputs, pgd_attack
 from rayprune.robust.modes import temporary_mode
 
-#: Attack names :class:`EvalConfig` accepts, in their default order.
-EVAL_ATTACKS: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t")
 #: Key of the all-attacks-at-once correctness in :func:`robust_correct`'s result.
 WORST = "worst"
 

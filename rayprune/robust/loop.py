@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from rayprune.choices import AT_LOSSES
 from rayprune.robust.at_losses import pgd_at_loss, trades_loss
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.ema import ModelEMA
 from rayprune.robust.training import augment, learning_rate
 from rayprune.validation import check_choice
 
-AT_LOSSES = ("pgd_at", "trades")
 
 
 @dataclass(frozen=True)

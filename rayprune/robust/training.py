@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from rayprune.choices import SCHEDULES
 from rayprune.validation import check_choice
 
-SCHEDULES = ("constant", "cosine", "one_cycle")
 
 
 def make_optimizer(

@@ -1,39 +1,25 @@
-"""Scores from training histories, kNN extrapolation and selection (NumPy/PyTorch only)."""
+"""Scores from training histories, kNN extrapolation and selection (NumPy/PyTorch only).
 
-from rayprune.scoring.extrapolate import Extrapolation, ExtrapolationConfig, extrapolate_scores, neighbour_weights
-from rayprune.scoring.neighbours import SearchOptions, knn_search
-from rayprune.scoring.scores import (
-    SCORE_DIRECTIONS,
-    cut_history,
-    dynamic_uncertainty,
-    el2n,
-    forgetting_events,
-    frequency_score,
-    mean_margin,
-    random_scores,
-    score_from_histories,
-)
-from rayprune.scoring.select import class_quotas, draw_subset, keep_budget, select_by_score, select_random
+Names load on first use (PEP 562), so importing one light submodule (``scores``,
+``select``) does not import torch through ``neighbours``.
+"""
 
-__all__ = [
-    "SCORE_DIRECTIONS",
-    "Extrapolation",
-    "ExtrapolationConfig",
-    "SearchOptions",
-    "class_quotas",
-    "cut_history",
-    "dynamic_uncertainty",
-    "el2n",
-    "extrapolate_scores",
-    "forgetting_events",
-    "frequency_score",
-    "keep_budget",
-    "knn_search",
-    "mean_margin",
-    "neighbour_weights",
-    "random_scores",
-    "select_by_score",
-    "select_random",
-    "score_from_histories",
-    "draw_subset",
-]
+from importlib import import_module
+
+_WHERE = {
+    "Extrapolation": "extrapolate", "ExtrapolationConfig": "extrapolate", "extrapolate_scores": "extrapolate",
+    "neighbour_weights": "extrapolate",
+    "SearchOptions": "neighbours", "knn_search": "neighbours",
+    "SCORE_DIRECTIONS": "scores", "cut_history": "scores", "dynamic_uncertainty": "scores", "el2n": "scores",
+    "forgetting_events": "scores", "frequency_score": "scores", "mean_margin": "scores", "random_scores": "scores",
+    "score_from_histories": "scores",
+    "class_quotas": "select", "draw_subset": "select", "keep_budget": "select", "select_by_score": "select",
+    "select_random": "select",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rayprune.choices import WEIGHTINGS
 from rayprune.scoring.neighbours import SearchOptions, knn_search
 from rayprune.validation import as_finite_array, check_choice, check_positive_int, check_same_length
 
-WEIGHTINGS = ("uniform", "inverse_distance", "exp")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rayprune.choices import METHODS, METRICS
 from rayprune.validation import as_finite_array, check_choice, check_positive_int
 
-METRICS = ("euclidean", "cosine")
-METHODS = ("exact", "approx")
 
 
 @dataclass(frozen=True)

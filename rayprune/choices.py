@@ -1,0 +1,16 @@
+"""The names each option may take, in a module that imports nothing heavy.
+
+The config validates against these, and Ray Data actors that only copy rows import the
+config's module tree: keeping torch out of it saves every such actor about two seconds
+of start-up. The modules that implement each choice import their tuple from here.
+"""
+
+NORMS: tuple[str, ...] = ("linf", "l2")
+# Evaluation attacks in their default order.
+EVAL_ATTACKS: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t")
+AT_LOSSES: tuple[str, ...] = ("pgd_at", "trades")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "one_cycle")
+MODEL_NAMES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wide_resnet", "wrn_28_10", "wrn_70_16")
+WEIGHTINGS: tuple[str, ...] = ("uniform", "inverse_distance", "exp")
+METRICS: tuple[str, ...] = ("euclidean", "cosine")
+METHODS: tuple[str, ...] = ("exact", "approx")
