@@ -1,5 +1,6 @@
 """The job on a multi-node cluster simulated on one machine (ray.cluster_utils.Cluster)."""
 
+import shutil
 import threading
 import time
 
@@ -28,23 +29,29 @@ def cluster():
     c.shutdown()
 
 
-def test_pool_blocks_are_embedded_on_more_than_one_node(cluster, tmp_path):
-    overrides = {
-        **TINY_JOB,
-        "output_dir": str(tmp_path / "out"),
-        "ray.address": cluster.address,
-        "ray.embed_actors": 2,
-        "final.enabled": "false",
-        "pool.demo.n_synthetic": 1850,  # 2000 rows: 16 blocks of 128 rows to spread
-    }
-    summary = run_pipeline(load_config(None, overrides))
+def _overrides(cluster, out) -> dict:
+    # 6000 rows in blocks of 128: enough blocks to spread, and a stream long enough to
+    # remove a node while it runs.
+    return {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
+            "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, tmp_path_factory):
+    """One job on the 3-node cluster; the node-removal test reruns its last stages."""
+    out = tmp_path_factory.mktemp("multinode") / "out"
+    return out, run_pipeline(load_config(None, _overrides(cluster, out)))
+
+
+def test_pool_blocks_are_embedded_on_more_than_one_node(first_run):
+    _, summary = first_run
     per_node = summary.embedded_rows_per_node
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert set(per_node) <= alive
     assert len(per_node) >= 2, f"all pool rows were embedded on one node: {per_node}"
-    assert sum(per_node.values()) == 2000
+    assert sum(per_node.values()) == 6000
     ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
-    np.testing.assert_array_equal(np.sort(ids), np.arange(2000))
+    np.testing.assert_array_equal(np.sort(ids), np.arange(6000))
 
 
 def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
@@ -77,10 +84,14 @@ def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
         request_cluster(RayConfig(address=cluster.address, request_cpus=999, resource_wait_s=1))
 
 
-def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, tmp_path):
-    out = tmp_path / "out"
-    overrides = {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
-                 "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
+def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, first_run):
+    """Rerun the first job from its extrapolate stage (split and scoring stay committed)
+    and remove a worker node while the scores stream."""
+    out, _ = first_run
+    overrides = _overrides(cluster, out)
+    for stage in ("extrapolate", "select"):
+        shutil.rmtree(out / stage)
+    scoring_commit = (out / "score_subset" / "_COMMITTED.json").stat().st_mtime_ns
     partial = out / "extrapolate" / ".scores.partial"
     removed = []
 
@@ -101,3 +112,4 @@ def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, tmp_path):
     assert removed, "no node was removed while the extrapolate stage streamed: the test proved nothing"
     ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
     np.testing.assert_array_equal(np.sort(ids), np.arange(6000))  # every id exactly once
+    assert (out / "score_subset" / "_COMMITTED.json").stat().st_mtime_ns == scoring_commit  # not redone
