@@ -37,7 +37,7 @@ from rayprune.scoring import (
     extrapolate_scores,
     knn_search,
 )
-from rayprune.scoring.neighbours import hnsw_index
+from rayprune.scoring.neighbours import hnsw_index, ivf_index, ivf_lists
 
 logger = logging.getLogger(__name__)
 
@@ -200,27 +200,30 @@ def measure(p: dict, queries: np.ndarray, references: np.ndarray, naive_n: int) 
     """Time every variant; returns best and per-round seconds, neighbour indices, naive rows
     and the approx index build and single-call times."""
     k, chunks = p["k"], p["chunks"]
-    exact, approx = SearchOptions(), SearchOptions(method="approx")
+    exact, approx, ivf = SearchOptions(), SearchOptions(method="approx"), SearchOptions(method="ivf")
     scores = np.random.default_rng(SEED + 1).random(len(references))
     config = ExtrapolationConfig(k=k, search=exact)
     # The index knn_search(method="approx") builds on every call, built once here so its
     # search can be timed chunk by chunk beside the others; its build is timed apart.
     builds = [timed(lambda: hnsw_index(references, approx, k))]
     index = builds[0][1]
+    ivf_build_seconds, ivf_index_built = timed(lambda: ivf_index(references, ivf))
     variants = {
         "exact": lambda s: knn_search(queries[s], references, k, exact)[1],
         "faiss_flat": lambda s: faiss_flat(queries[s], references, k)[1],
         "exact_extrapolation": lambda s: extrapolate_scores(references, scores, queries[s], config).indices,
         "naive": lambda s: naive_search(queries[s][:naive_n], references, k)[1],
         "approx_search": lambda s: index.search(queries[s], k)[1],
+        "ivf_search": lambda s: ivf_index_built.search(queries[s], k)[1],
     }
     best, rounds, idx = time_interleaved(variants, len(queries), chunks, p["repeats"])
     builds += [timed(lambda: hnsw_index(references, approx, k)) for _ in range(p["repeats"] - 1)]
     # The product's own path once, for its recall and as a check on build + search.
     call_seconds, (_, idx["approx"]) = timed(lambda: knn_search(queries, references, k, approx))
+    _, (_, idx["ivf"]) = timed(lambda: knn_search(queries, references, k, ivf))
     starts = np.linspace(0, len(queries), chunks + 1).astype(int)[:-1]
     return {"best": best, "rounds": rounds, "idx": idx, "build_seconds": min(t for t, _ in builds),
-            "call_seconds": call_seconds,
+            "call_seconds": call_seconds, "ivf_build_seconds": ivf_build_seconds,
             "naive_rows": np.concatenate([np.arange(b, b + naive_n) for b in starts])}
 
 
@@ -239,6 +242,7 @@ def run(preset: str, workdir: Path) -> BenchResult:
     m = measure(p, queries, references, naive_n)
     checks = check_results(queries, references, m["idx"], m["naive_rows"])
     recall = recall_at_k(m["idx"]["approx"], m["idx"]["exact"])
+    ivf_recall = recall_at_k(m["idx"]["ivf"], m["idx"]["exact"])
 
     counts = dict.fromkeys(m["best"], n) | {"naive": len(m["naive_rows"])}
     qps = {name: counts[name] / seconds for name, seconds in m["best"].items()}
@@ -249,10 +253,20 @@ def run(preset: str, workdir: Path) -> BenchResult:
     result = BenchResult("neighbours", preset, params)
     extra = row_details(checks, recall, k, m)
     extra["approx_search"]["one_call_queries_per_s"] = qps["approx_call"]
+    ivf = SearchOptions(method="ivf")
+    extra["ivf_search"] = {f"recall_at_{k}": ivf_recall, "index_build_seconds": m["ivf_build_seconds"],
+                           "lists": ivf_lists(len(references), ivf), "probes": ivf.ivf_probes}
     result.rows = [{"variant": name, "queries_timed": count, "best_seconds": m["best"][name],
                     "round_seconds": m["rounds"][name], "queries_per_s": qps[name], **extra.get(name, {})}
                    for name, count in counts.items()]
     result.comparisons = comparisons(qps, recall, k, len(m["naive_rows"]), m["build_seconds"])
+    result.comparisons += [
+        Comparison("approximate search, index built once", "rayprune exact", "rayprune ivf (IVF-Flat)", "queries/s",
+                   qps["exact"], qps["ivf_search"], target=5,
+                   note=f"recall@{k} {ivf_recall:.3f}; search only (build {m['ivf_build_seconds']:.1f} s)"),
+        Comparison("approximate search quality", "required recall", "rayprune ivf (IVF-Flat)", f"recall@{k}", 0.95,
+                   ivf_recall, target=1.0, note="ratio = recall / 0.95: met means recall >= 0.95"),
+    ]
     result.notes = notes(p, k, len(m["naive_rows"]), torch_threads, faiss_threads, checks["faiss"], recall,
                          m["build_seconds"])
     return result

@@ -13,4 +13,5 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "one_cycle")
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wide_resnet", "wrn_28_10", "wrn_70_16")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "inverse_distance", "exp")
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
-METHODS: tuple[str, ...] = ("exact", "approx")
+# Neighbour search: blocked exact, faiss HNSW ("approx"), faiss IVF-Flat ("ivf").
+METHODS: tuple[str, ...] = ("exact", "approx", "ivf")

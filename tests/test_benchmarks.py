@@ -42,13 +42,13 @@ def neighbours_ci() -> BenchResult:
 def test_neighbours_benchmark_is_well_formed(neighbours_ci):
     res = neighbours_ci
     assert res.benchmark == "neighbours" and res.preset == "ci" and res.seconds > 0
-    assert len(res.comparisons) == 6 and res.notes
+    assert len(res.comparisons) == 8 and res.notes
     for c in res.comparisons:
         for value in (c.baseline_value, c.candidate_value, c.ratio):
             assert math.isfinite(value) and value > 0, c
         assert c.target is not None and isinstance(c.met, bool)
     rows = {row["variant"]: row for row in res.rows}
-    assert set(rows) == {"exact", "faiss_flat", "exact_extrapolation", "naive", "approx_search"}
+    assert set(rows) == {"exact", "faiss_flat", "exact_extrapolation", "naive", "approx_search", "ivf_search"}
     for row in rows.values():
         assert row["queries_timed"] > 0 and row["queries_per_s"] > 0
     assert rows["naive"]["queries_timed"] <= res.params["queries"]  # usually a subsample
@@ -58,6 +58,7 @@ def test_neighbours_benchmark_is_well_formed(neighbours_ci):
     recall = rows["approx_search"][f"recall_at_{res.params['k']}"]
     assert 0.0 <= recall <= 1.0
     assert recall >= 0.95  # the ci data set is small and easy: HNSW is all but exhaustive there
+    assert 0.0 <= rows["ivf_search"][f"recall_at_{res.params['k']}"] <= 1.0
     assert res.params["torch_threads"] == res.params["faiss_threads"]
 
 

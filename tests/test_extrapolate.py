@@ -62,6 +62,54 @@ def test_approx_search_has_high_recall(clouds):
     assert recall >= 0.95
 
 
+def _clustered(n, centres, rng):
+    return (centres[rng.integers(0, len(centres), n)] + rng.normal(size=(n, centres.shape[1]))).astype(np.float32)
+
+
+def test_ivf_search_has_high_recall_on_clustered_embeddings_and_true_distances():
+    rng = np.random.default_rng(4)
+    centres = rng.normal(scale=4.0, size=(20, 16))
+    refs, queries = _clustered(4000, centres, rng), _clustered(500, centres, rng)
+    dist, idx = knn_search(queries, refs, 12, SearchOptions(method="ivf"))
+    ref_dist, ref_idx = brute_force_knn(queries, refs, 12)
+    recall = np.mean([len(set(a) & set(b)) / 12 for a, b in zip(idx, ref_idx)])
+    assert recall >= 0.95
+    # whatever it found, the distances it reports are those of the pairs it returns
+    true = np.linalg.norm(queries[:, None, :].astype(np.float64) - refs[idx].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, true, rtol=1e-3, atol=1e-3)
+    assert (np.diff(dist, axis=1) >= -1e-5).all()
+
+
+def test_ivf_falls_back_to_exact_search_where_its_lists_hold_too_few_neighbours(monkeypatch):
+    """One list probed out of many small ones cannot yield k neighbours for every query;
+    those queries are answered exactly, so the result still has k true neighbours each."""
+    from rayprune.scoring import neighbours
+
+    rng = np.random.default_rng(5)
+    refs, queries = rng.normal(size=(2000, 8)).astype(np.float32), rng.normal(size=(200, 8)).astype(np.float32)
+    options = SearchOptions(method="ivf", ivf_lists=50, ivf_probes=1)
+    exact_rows = []
+    real_exact = neighbours._exact_search
+    monkeypatch.setattr(neighbours, "_exact_search",
+                        lambda q, *a, **kw: exact_rows.append(len(q)) or real_exact(q, *a, **kw))
+    dist, idx = knn_search(queries, refs, 45, options)
+    assert exact_rows and 0 < sum(exact_rows) < len(queries)  # some queries, not all, fell back
+    assert (idx >= 0).all() and all(len(set(row)) == 45 for row in idx)
+    ref_dist, ref_idx = brute_force_knn(queries, refs, 45)
+    assert (dist[:, 0] >= ref_dist[:, 0] - 1e-4).all()  # never nearer than the true nearest
+
+
+def test_ivf_lists_follow_the_reference_count():
+    from rayprune.scoring.neighbours import ivf_lists
+
+    assert ivf_lists(50_000, SearchOptions()) == 224  # about sqrt(n)
+    assert ivf_lists(1_000, SearchOptions()) == 25  # at most n / 39 training points a list
+    assert ivf_lists(10, SearchOptions()) == 1
+    assert ivf_lists(50_000, SearchOptions(ivf_lists=64)) == 64
+    with pytest.raises(ValueError, match="ivf_lists must be an integer >= 0"):
+        SearchOptions(ivf_lists=-1)
+
+
 def test_uniform_extrapolation_is_mean_of_brute_force_neighbours(clouds):
     queries, refs = clouds
     scores = np.random.default_rng(2).random(len(refs))
@@ -138,17 +186,18 @@ def test_extrapolation_argument_errors(clouds):
         extrapolate_scores(refs, scores, queries, reference_ids=np.zeros(len(refs)), query_ids=np.arange(len(queries)))
 
 
+@pytest.mark.parametrize("method", ["approx", "ivf"])
 @pytest.mark.parametrize("same_label", [False, True])
-def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_label):
+def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_label, method):
     from rayprune.scoring import neighbours
 
     rng = np.random.default_rng(3)
     refs, labels = rng.normal(size=(400, 8)).astype(np.float32), rng.integers(0, 3, 400)
-    options = neighbours.SearchOptions(method="approx")
+    options = neighbours.SearchOptions(method=method)
     label_kw = {"reference_labels": labels} if same_label else {}
     builds = []
-    real_build = neighbours.hnsw_index
-    monkeypatch.setattr(neighbours, "hnsw_index", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    real_build = neighbours.approx_index
+    monkeypatch.setattr(neighbours, "approx_index", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
     cache: dict = {}
     for seed in range(3):  # three batches of queries against the same references
         q = np.random.default_rng(10 + seed).normal(size=(50, 8)).astype(np.float32)
