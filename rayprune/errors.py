@@ -50,6 +50,15 @@ def _from_text(text: str) -> str | None:
     return one_line(match.group(1)) if match else None
 
 
+def _wrapped(e: BaseException, with_cause: bool = True) -> list[BaseException]:
+    """The exceptions ``e`` wraps: Ray's wrapper attributes, then (optionally) ``__cause__``."""
+    inner = [getattr(e, a, None) for a in _WRAPPED_ATTRS]
+    inner += list((getattr(e, "worker_failures", None) or {}).values())
+    if with_cause:
+        inner.append(e.__cause__)
+    return [w for w in inner if isinstance(w, BaseException) and w is not e]
+
+
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message of the InputError behind ``exc``, or None if there is none."""
     seen: set[int] = set()
@@ -59,9 +68,7 @@ def user_error_message(exc: BaseException) -> str | None:
         if e is None or id(e) in seen:
             return None
         seen.add(id(e))
-        wrapped = [getattr(e, a, None) for a in _WRAPPED_ATTRS]
-        wrapped += list((getattr(e, "worker_failures", None) or {}).values())
-        wrapped = [w for w in wrapped if isinstance(w, BaseException) and w is not e]
+        wrapped = _wrapped(e, with_cause=False)
         texts.extend(t for t in (getattr(e, a, None) for a in _TEXT_ATTRS) if isinstance(t, str))
         # A RayTaskError "dual" instance is also an instance of its cause's class, but
         # its str() is the whole remote traceback: prefer the wrapped cause's message.
@@ -78,13 +85,6 @@ def user_error_message(exc: BaseException) -> str | None:
         return None
 
     return walk(exc) or next((m for m in map(_from_text, texts) if m), None)
-
-
-def _wrapped(e: BaseException) -> list[BaseException]:
-    inner = [getattr(e, a, None) for a in _WRAPPED_ATTRS]
-    inner += list((getattr(e, "worker_failures", None) or {}).values())
-    inner.append(e.__cause__)
-    return [w for w in inner if isinstance(w, BaseException) and w is not e]
 
 
 def error_text(exc: BaseException) -> str:

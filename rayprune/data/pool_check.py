@@ -145,14 +145,21 @@ def check_unique_ids(ids: list[np.ndarray], files: list[str]) -> None:
                     f"ids must be unique across the pool ({repeated.size} repeat(s))")
 
 
+def _files_on(path: str | Path, info: PoolInfo) -> tuple[list[str], object, list[str]]:
+    """The pool's files as named in errors, the filesystem of a URI pool (else None) and
+    the paths to open on it."""
+    files = pool_files(path, info)
+    fs, paths = storage.files_on(files) if storage.is_uri(str(path)) else (None, files)
+    return files, fs, paths
+
+
 def check_pool(path: str | Path) -> PoolInfo:
     """Check the pool at ``path`` as the module docstring says; return its ``PoolInfo``."""
     info = read_pool_info(path)
     if len(set(info.files)) != len(info.files):
         dup = next(f for f in info.files if info.files.count(f) > 1)
         raise PoolError(f"{storage.join(path, POOL_META)}: lists the file {dup} more than once")
-    files = pool_files(path, info)
-    fs, paths = storage.files_on(files) if storage.is_uri(str(path)) else (None, files)
+    files, fs, paths = _files_on(path, info)
     rows, ids = 0, []
     for file, fs_path in zip(files, paths):
         pf = _open(file, fs, fs_path)
@@ -183,8 +190,7 @@ def find_unreadable_data(path: str | Path) -> None:
     fine and is not found: the pool files carry no page checksums.
     """
     info = read_pool_info(path)
-    files = pool_files(path, info)
-    fs, paths = storage.files_on(files) if storage.is_uri(str(path)) else (None, files)
+    files, fs, paths = _files_on(path, info)
     logger.warning("reading every value of the %d file(s) of %s to find the unreadable one", len(files), path)
     for file, fs_path in tqdm(list(zip(files, paths)), desc=f"checking every value of {path}", unit="file",
                               disable=len(files) < 2 or not sys.stderr.isatty()):

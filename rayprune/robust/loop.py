@@ -21,7 +21,6 @@ from rayprune.robust.training import augment, learning_rate
 from rayprune.validation import check_choice
 
 
-
 @dataclass(frozen=True)
 class ATRecipe:
     """Everything a training step needs besides the model, data and attack."""

@@ -15,7 +15,6 @@ from rayprune.choices import SCHEDULES
 from rayprune.validation import check_choice
 
 
-
 def make_optimizer(
     model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True
 ) -> torch.optim.SGD:

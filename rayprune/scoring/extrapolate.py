@@ -17,7 +17,6 @@ from rayprune.scoring.neighbours import SearchOptions, knn_search
 from rayprune.validation import as_finite_array, check_choice, check_positive_int, check_same_length
 
 
-
 @dataclass(frozen=True)
 class ExtrapolationConfig:
     """How to extrapolate.
