@@ -61,12 +61,15 @@ class RayConfig:
     to ``resource_wait_s`` seconds for them before sizing the job; 0 = use what is there.
     ``storage_path``: where Ray Train keeps its checkpoints, a URI (s3://, gs://) or a
     path every node sees; empty = ``<output_dir>/<stage>/train``.
+    ``embed_threads``: torch threads per embedding actor; 0 = fill the cluster's CPUs
+    (total CPUs / embedding actors, at most one node's CPUs) on CPU, 1 per GPU actor.
     """
 
     address: str = ""
     train_workers: int = 0
     use_gpu: str = "auto"
     embed_actors: int = 0
+    embed_threads: int = 0
     extrapolate_actors: int = 0
     inference_batch_size: int = 512
     request_cpus: int = 0
@@ -76,7 +79,8 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         _wrap(check_choice, self.use_gpu, "ray.use_gpu", ("auto", "true", "false"))
-        for name in ("train_workers", "embed_actors", "extrapolate_actors", "request_cpus", "request_gpus"):
+        for name in ("train_workers", "embed_actors", "embed_threads", "extrapolate_actors", "request_cpus",
+                     "request_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ray.{name} must be >= 0 (0 = size from the cluster); got {getattr(self, name)}")
         if self.inference_batch_size < 1:

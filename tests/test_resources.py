@@ -33,6 +33,26 @@ def test_big_cluster_scales_out_and_uses_gpus():
     assert cpu_only.embed_actors == 40 and not cpu_only.train_use_gpu  # 2/3 of 60 CPUs
 
 
+@pytest.mark.parametrize("cpus, node_cpus", [(2, 2), (4, 4), (5, 2), (16, 16), (64, 16), (256, 32)])
+def test_embedding_threads_fill_the_cpus_but_never_oversubscribe_them(cpus, node_cpus):
+    plan = plan_from_resources(RayConfig(), cpus, 0, node_cpus)
+    assert plan.embed_threads * plan.embed_actors <= cpus
+    assert plan.embed_threads <= node_cpus
+    # no whole CPU is left without an embedding thread (the IO reserve included)
+    assert cpus - plan.embed_threads * plan.embed_actors < plan.embed_actors
+    assert plan.extrapolate_threads == ResourcePlan.threads(plan.extrapolate_cpus_per_actor)
+
+
+def test_embedding_threads_on_a_laptop_a_gpu_cluster_and_when_set():
+    laptop = plan_from_resources(RayConfig(), 2, 0, 2)
+    assert (laptop.embed_threads, laptop.extrapolate_threads) == (2, 1)  # not 1: the IO reserve is mostly idle
+    assert plan_from_resources(RayConfig(), 64, 8, 16).embed_threads == 1  # the GPU does the work
+    assert plan_from_resources(RayConfig(embed_actors=1), 64, 0, 16).embed_threads == 16  # one node's worth
+    assert plan_from_resources(RayConfig(embed_threads=3), 2, 0, 2).embed_threads == 3
+    with pytest.raises(ConfigError, match="ray.embed_threads must be >= 0"):
+        RayConfig(embed_threads=-1)
+
+
 def test_explicit_settings_win_and_errors_are_clear():
     plan = plan_from_resources(RayConfig(train_workers=3, embed_actors=5, extrapolate_actors=2), 32, 0, 8)
     assert (plan.train_workers, plan.embed_actors, plan.extrapolate_actors) == (3, 5, 2)
@@ -76,3 +96,17 @@ def test_resource_request_options_are_checked():
         RayConfig(request_gpus=-1)
     with pytest.raises(ConfigError, match="ray.resource_wait_s"):
         RayConfig(resource_wait_s=-5)
+
+
+def test_evaluators_use_every_cpu_and_at_most_one_gpu_each():
+    from rayprune.stages.evaluate import evaluator_layout
+
+    laptop = plan_from_resources(RayConfig(), 2, 0, 2)
+    assert evaluator_layout(laptop, 500) == (2, 1.0)  # no IO reserve: nothing else runs beside them
+    assert evaluator_layout(laptop, 100) == (1, 2.0)  # a small test set stays on one actor
+    assert evaluator_layout(laptop, 500, actors=4) == (4, 0.5)
+    gpus = plan_from_resources(RayConfig(), 64, 8, 16)
+    n, cpus = evaluator_layout(gpus, 10_000)
+    assert n == 8 and cpus * n <= 64  # one per GPU, never an actor left waiting for one
+    with pytest.raises(ConfigError, match="evaluation.actors=9 exceeds the cluster's 8 GPU"):
+        evaluator_layout(gpus, 10_000, actors=9)

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from rayprune import storage
-from rayprune.config import JobConfig, to_dict
+from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.evaluation import EvalConfig, robust_correct, summarize
 from rayprune.robust.training import to_float_images
@@ -58,6 +58,22 @@ class Evaluator:
         return {"id": np.asarray(ids), **{k: np.asarray(v, dtype=bool) for k, v in correct.items()}}
 
 
+def evaluator_layout(plan: ResourcePlan, n_samples: int, actors: int = 0) -> tuple[int, float]:
+    """(evaluator actors, CPUs per actor) for ``n_samples`` test samples; ``actors`` 0 = auto.
+
+    No Ray Data tasks run beside the evaluators (the driver reads the test pool), so like
+    training they may use every CPU: about one actor per 256 samples, at most one per CPU.
+    With GPUs at most one actor per GPU: every actor lives until all shards are done, so
+    an actor left waiting for a GPU would wait forever.
+    """
+    slots = int(plan.total_gpus) if plan.train_use_gpu else max(1, int(plan.total_cpus))
+    if actors > slots and plan.train_use_gpu:
+        raise ConfigError(f"evaluation.actors={actors} exceeds the cluster's {slots} GPU(s); "
+                          "use at most one evaluator per GPU, or 0 to size from the cluster")
+    n_actors = actors or max(1, min(n_samples // 256 + 1, slots))
+    return n_actors, max(0.25, min(plan.train_cpus_per_worker, plan.total_cpus / n_actors))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     metrics: dict[str, float]
@@ -75,8 +91,7 @@ def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, model_diges
         table = pads.dataset(paths, format="parquet", filesystem=fs).to_table().sort_by("id")
         ids, labels = table["id"].to_numpy(), table["label"].to_numpy()
         images = decode_images(table["image"], test.info.image_shape, ids=ids, origin=f"test pool {test.path}")
-        n_actors = config.evaluation.actors or max(1, min(len(ids) // 256 + 1, int(plan.total_cpus - plan.io_cpus) or 1))
-        cpus = max(0.25, min(plan.train_cpus_per_worker, (plan.total_cpus - plan.io_cpus) / n_actors))
+        n_actors, cpus = evaluator_layout(plan, len(ids), config.evaluation.actors)
         actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if plan.train_use_gpu else 0)(Evaluator)
         actors = [actor_cls.remote(to_dict(config), str(model_file), test.info.num_classes,
                                    test.info.image_shape[2], plan.threads(cpus)) for _ in range(n_actors)]

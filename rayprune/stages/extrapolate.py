@@ -191,7 +191,7 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
         ds = ds.repartition(target_num_rows_per_block=size)
     kwargs = {
         "job": to_dict(config), "model_file": str(model_file), "num_classes": info.num_classes,
-        "image_shape": list(info.image_shape), "threads": plan.threads(plan.embed_cpus_per_actor),
+        "image_shape": list(info.image_shape), "threads": plan.embed_threads,
         "use_gpu": plan.embed_gpus_per_actor > 0, "tally": [tally] if tally is not None else None,
     }
     # SPREAD places the actors on different nodes, so reads stay local and all nodes work.
@@ -291,7 +291,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
                        score.model_file, plan, plan.embed_actors, tally, rechunk=True)
             .map_batches(Extrapolator,
                          fn_constructor_kwargs={"references": [refs_ref], "extrapolation": chosen,
-                                                "threads": plan.threads(plan.extrapolate_cpus_per_actor)},
+                                                "threads": plan.extrapolate_threads},
                          compute=ray.data.ActorPoolStrategy(size=plan.extrapolate_actors),
                          num_cpus=plan.extrapolate_cpus_per_actor, batch_size=config.ray.inference_batch_size * 4,
                          batch_format="numpy", scheduling_strategy="SPREAD")

@@ -4,7 +4,14 @@ Sizing rule: something must always be left for Ray Data's read and write tasks, 
 actor pool that takes every CPU starves them and the job hangs (seen on 2-CPU machines).
 So a quarter of the CPUs (at least one, since each of those tasks asks for a whole CPU;
 at most four) stays free, and on small machines actors get fractional CPUs instead of
-one each (their torch thread counts are set separately).
+one each.
+
+Those CPU counts are scheduling reservations, not the cores a process may use. The read
+and write tasks the reserve is kept for use a few percent of a core (measured on 2
+cores), so the embedding actors' torch threads together fill every CPU of the cluster
+(``embed_threads``) rather than only the CPUs they reserve: on a 2-CPU laptop the single
+embedding actor runs 2 threads, not 1. Extrapolation actors, which mostly wait for
+embeddings, keep one thread per reserved CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class ResourcePlan:
     extrapolate_actors: int
     extrapolate_cpus_per_actor: float
     io_cpus: float
+    embed_threads: int
+    extrapolate_threads: int
 
     @staticmethod
     def threads(cpus: float) -> int:
@@ -150,6 +159,12 @@ def plan_from_resources(config: RayConfig, cpus: float, gpus: float, max_node_cp
     extrap_actors = config.extrapolate_actors or max(1, int(extrap_budget))
     embed_cpus = max(0.25, min(1.0, embed_budget / embed_actors)) if not use_gpu else 1.0
     extrap_cpus = max(0.25, min(1.0, extrap_budget / extrap_actors))
+    if config.embed_threads:
+        embed_threads = config.embed_threads
+    elif use_gpu:
+        embed_threads = ResourcePlan.threads(embed_cpus)  # the GPU does the work
+    else:  # fill the cluster's CPUs, no more than one node's worth per actor
+        embed_threads = max(1, int(min(cpus / embed_actors, max_node_cpus or cpus)))
     plan = ResourcePlan(
         total_cpus=cpus,
         total_gpus=gpus,
@@ -162,5 +177,7 @@ def plan_from_resources(config: RayConfig, cpus: float, gpus: float, max_node_cp
         extrapolate_actors=extrap_actors,
         extrapolate_cpus_per_actor=extrap_cpus,
         io_cpus=io,
+        embed_threads=embed_threads,
+        extrapolate_threads=ResourcePlan.threads(extrap_cpus),
     )
     return plan
