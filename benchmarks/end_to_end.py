@@ -35,7 +35,7 @@ _CI = {"pool.demo.n_real": 100, "pool.demo.n_synthetic": 900, "pool.demo.image_s
 PRESETS = {
     "ci": _CI,
     "small": {"pool.demo.n_real": 400, "pool.demo.n_synthetic": 4000, "train.epochs": 15},
-    "full": {"pool.demo.n_real": 2000, "pool.demo.n_synthetic": 20000, "train.epochs": 15},
+    "full": {"pool.demo.n_real": 1000, "pool.demo.n_synthetic": 10000, "train.epochs": 15},
 }
 STAGES = ("split", "score_subset", "extrapolate", "select")
 

@@ -4,7 +4,8 @@ Same model, data, attack, recipe and seed on the same cores: both sides run
 ``timed_steps`` below, which uses the job's own building blocks (model, optimiser,
 recipe and attack from the config; ``train_steps``). The plain side calls it in this
 process; the Ray side calls it inside a TorchTrainer worker sized by the job's resource
-plan. The losses of the two runs are compared, so both provably did the same work.
+plan. The losses of the runs are compared, so both provably did the same work. The
+plain loop runs once before and once after Ray Train; the faster counts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 PRESETS = {
     "ci": {"rows": 1_000, "image_size": 16, "warmup_steps": 2, "steps": 4, "batch_size": 64},
     "small": {"rows": 5_000, "image_size": 16, "warmup_steps": 5, "steps": 60, "batch_size": 128},
-    "full": {"rows": 50_000, "image_size": 32, "warmup_steps": 10, "steps": 200, "batch_size": 128},
+    "full": {"rows": 20_000, "image_size": 32, "warmup_steps": 5, "steps": 100, "batch_size": 128},
 }
 
 
@@ -117,22 +118,29 @@ def run(preset: str, workdir: Path) -> BenchResult:
                    "threads": os.cpu_count() or 1}
     result = BenchResult("training_step", preset, {**{k: v for k, v in p.items()}, "model": config.model.name,
                                                    "attack_steps": config.attack.steps})
+    # The plain loop runs before and after Ray Train and its faster run counts, so drift
+    # in machine load cannot favour Ray.
+    plain_runs = []
     start = time.perf_counter()
-    plain = timed_steps(loop_config)
-    plain_total = time.perf_counter() - start
+    plain_runs.append((timed_steps(loop_config), time.perf_counter() - start))
     with local_ray():
         ray_metrics, ray_total, plan = _ray_run(loop_config, workdir)
-    diff = float(np.max(np.abs(np.asarray(plain["losses"]) - np.asarray(ray_metrics["losses"]))))
+    start = time.perf_counter()
+    plain_runs.append((timed_steps(loop_config), time.perf_counter() - start))
+    plain, plain_total = min(plain_runs, key=lambda r: r[0]["seconds"])
+    diff = max(float(np.max(np.abs(np.asarray(run["losses"]) - np.asarray(ray_metrics["losses"]))))
+               for run, _ in plain_runs)
     if diff > 1e-3:
         raise RuntimeError(f"Ray Train and the plain loop diverged: per-step losses differ by up to {diff:.2e}")
     samples = p["steps"] * p["batch_size"]
     result.rows.append({"plain_step_seconds": plain["seconds"], "ray_step_seconds": ray_metrics["seconds"],
+                        "plain_step_seconds_before_after": [run["seconds"] for run, _ in plain_runs],
                         "plain_total_seconds": plain_total, "ray_total_seconds": ray_total,
                         "max_loss_difference": diff, **plan})
     result.comparisons += [
         Comparison("AT steps (steady state)", "plain PyTorch loop", "Ray Train, 1 worker", "samples/s",
                    samples / plain["seconds"], samples / ray_metrics["seconds"], target=0.9,
-                   note="timed inside the loop after warm-up steps"),
+                   note="timed inside the loop after warm-up steps; plain: the faster of a run before and after"),
         Comparison("AT run incl. start-up", "plain PyTorch loop", "Ray Train, 1 worker", "seconds",
                    plain_total, ray_total, higher_is_better=False,
                    note="includes data loading; Ray adds worker start-up, which a real run amortises"),
