@@ -31,9 +31,10 @@ def cluster():
 
 def _overrides(cluster, out) -> dict:
     # 6000 rows in blocks of 128: enough blocks to spread, and a stream long enough to
-    # remove a node while it runs.
+    # remove a node while it runs. The simulated nodes share this machine's cores, so one
+    # torch thread per embedding actor.
     return {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
-            "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
+            "ray.embed_threads": 1, "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
 
 
 @pytest.fixture(scope="module")
