@@ -1,10 +1,15 @@
-"""Result types shared by the benchmarks, and their markdown / JSON rendering."""
+"""Result types shared by the benchmarks, and their markdown / JSON rendering.
+
+``python -m benchmarks.report A.json B.json ...`` prints one table for the results of
+several runs (e.g. a full preset run one benchmark at a time with ``--only``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,3 +114,34 @@ def write_json(results: list[BenchResult], path: Path, preset: str) -> None:
     tmp.write_text(json.dumps({"preset": preset, "machine": machine_info(),
                                "results": [r.to_dict() for r in results]}, indent=2, default=float))
     tmp.replace(path)
+
+
+def read_json(path: Path) -> tuple[dict, list[BenchResult]]:
+    """The machine description and the results that ``write_json`` wrote to ``path``."""
+    data = json.loads(Path(path).read_text())
+    results = []
+    for r in data["results"]:
+        comparisons = [Comparison(**{k: v for k, v in c.items() if k not in ("ratio", "met")})
+                       for c in r["comparisons"]]
+        results.append(BenchResult(r["benchmark"], r["preset"], r["params"], r["rows"], comparisons, r["notes"],
+                                   r["seconds"]))
+    return data["machine"], results
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m benchmarks.report RESULTS.json [MORE.json ...]", file=sys.stderr)
+        return 2
+    results = []
+    for path in argv:
+        machine, produced = read_json(Path(path))
+        print(f"- {path}: {', '.join(r.benchmark for r in produced)}; preset "
+              f"{produced[0].preset if produced else '?'}, {machine['date']}, {machine['cpus']} CPU(s)")
+        results += produced
+    print()
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.report import BenchResult, Comparison, markdown_table, write_json
+from benchmarks.report import BenchResult, Comparison, main as report_main, markdown_table, read_json, write_json
 from benchmarks.run import run_suite
 
 
@@ -31,6 +31,23 @@ def test_comparison_without_target_or_with_zero_denominator():
     assert Comparison("x", "b", "c", "m", 0.0, 2.0).ratio == math.inf
     assert Comparison("x", "b", "c", "m", 2.0, 0.0, higher_is_better=False).ratio == math.inf
     assert Comparison("x", "b", "c", "m", 2.0, 1.0, target=1.0).to_dict()["ratio"] == pytest.approx(0.5)
+
+
+def test_results_read_back_from_json_render_the_same_table(tmp_path, capsys):
+    a = BenchResult("neighbours", "full", {"queries": 10}, rows=[{"v": 1}], notes=["n"], seconds=3.0,
+                    comparisons=[Comparison("search", "flat", "exact", "queries/s", 200.0, 500.0, target=0.9)])
+    b = BenchResult("scaling", "full", {}, seconds=60.0,
+                    comparisons=[Comparison("memory", "10k", "1M", "MiB", 900.0, 1000.0, higher_is_better=False)])
+    write_json([a], tmp_path / "a.json", "full")
+    write_json([b], tmp_path / "b.json", "full")
+    machine, (back,) = read_json(tmp_path / "a.json")
+    assert machine["cpus"] >= 1
+    assert (back.benchmark, back.params, back.rows, back.notes, back.seconds) == ("neighbours", {"queries": 10},
+                                                                                  [{"v": 1}], ["n"], 3.0)
+    assert markdown_table([back]) == markdown_table([a])
+    assert report_main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert markdown_table([a, b]) in capsys.readouterr().out  # one table for both runs
+    assert report_main([]) == 2
 
 
 @pytest.fixture(scope="module")
