@@ -16,12 +16,10 @@ import logging
 import sys
 import typing
 
-from rayprune.config import ConfigError, JobConfig, flat_fields, load_config
+from rayprune.config import ConfigError, JobConfig, flat_fields, load_config, option_ranges
 from rayprune.errors import EXIT_INPUT, one_line, user_error_message
 
 logger = logging.getLogger("rayprune")
-
-_MISSING = object()
 
 
 def _type_name(typ) -> str:
@@ -45,30 +43,46 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (python {self.prog} --help lists every option)")
 
 
+OPTION_HELP = {
+    "stale_results": "what a rerun does with committed stage results whose inputs changed: refuse (stop and name "
+                     "the options), archive (move them to <output_dir>/_archive/) or delete",
+}
+
+
+def _option_help(key: str, typ, default) -> str:
+    """``(default: X; allowed range)``: each default once, readably."""
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if shown == "":
+        shown = "empty"
+    bounds = option_ranges().get(key)
+    allowed = f"; {bounds.describe(typ is int)}" if bounds is not None else ""
+    text = f"(default: {shown}{allowed})"
+    return f"{OPTION_HELP[key]} {text}" if key in OPTION_HELP else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jobs/prune.py",
         description="Prune an image pool for adversarial training: score a subset, extrapolate, select.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config (a preset from configs/ or your own)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: INFO)")
     options = parser.add_argument_group("options (override the config file; dotted names match its keys)")
     for key, (typ, default) in flat_fields(JobConfig).items():
         flags = [f"--{key}"]
-        if key in ("output_dir", "publish_uri"):
+        if key in ("output_dir", "publish_uri", "stale_results"):
             flags.append("--" + key.replace("_", "-"))
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        options.add_argument(
-            *flags, dest=key, default=_MISSING, metavar=_type_name(typ), help=f"(default: {shown})"
-        )
+        # SUPPRESS: an option not given is absent from the namespace, so it never overrides the file.
+        options.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=_type_name(typ),
+                             help=_option_help(key, typ, default))
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not _MISSING and k not in ("config", "log_level")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
     try:
         return load_config(args.config, overrides), args
     except ConfigError as exc:

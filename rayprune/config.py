@@ -17,20 +17,19 @@ from typing import Any
 
 import yaml
 
-from rayprune.data.demo_pool import DemoPoolSpec
-from rayprune.errors import InputError
+from rayprune.bounds import COUNT_MAX, ConfigError, OptionError, bounded, check_ranges, field_range, one_of, seed_field
 from rayprune.choices import AT_LOSSES, EVAL_ATTACKS, METHODS, METRICS, MODEL_NAMES, NORMS, SCHEDULES, WEIGHTINGS
+from rayprune.data.demo_pool import DemoPoolSpec
 from rayprune.scoring.scores import SCORE_NAMES
 from rayprune.storage import is_uri
-from rayprune.validation import check_choice, check_fraction
 
 SCORES = SCORE_NAMES
 SIGNALS = ("adv", "clean")
 STRATEGIES = ("score", "random")
-
-
-class ConfigError(InputError):
-    """A configuration value or key that is not allowed; the message names it."""
+# What a rerun does with committed stage results whose inputs changed (see stages.common).
+STALE_RESULTS = ("refuse", "archive", "delete")
+# A config file is a few kilobytes; anything this large is the wrong file (or endless).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -66,62 +65,57 @@ class RayConfig:
     """
 
     address: str = ""
-    train_workers: int = 0
-    use_gpu: str = "auto"
-    embed_actors: int = 0
-    embed_threads: int = 0
-    extrapolate_actors: int = 0
-    inference_batch_size: int = 512
-    request_cpus: int = 0
-    request_gpus: int = 0
-    resource_wait_s: float = 900.0
+    train_workers: int = bounded(0, ge=0, le=100_000)
+    use_gpu: str = one_of("auto", ("auto", "true", "false"))
+    embed_actors: int = bounded(0, ge=0, le=100_000)
+    embed_threads: int = bounded(0, ge=0, le=4096)
+    extrapolate_actors: int = bounded(0, ge=0, le=100_000)
+    inference_batch_size: int = bounded(512, ge=1, le=1 << 20)
+    request_cpus: int = bounded(0, ge=0, le=10_000_000)
+    request_gpus: int = bounded(0, ge=0, le=1_000_000)
+    resource_wait_s: float = bounded(900.0, ge=0, le=7 * 86_400)
     storage_path: str = ""
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.use_gpu, "ray.use_gpu", ("auto", "true", "false"))
-        for name in ("train_workers", "embed_actors", "embed_threads", "extrapolate_actors", "request_cpus",
-                     "request_gpus"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ray.{name} must be >= 0 (0 = size from the cluster); got {getattr(self, name)}")
-        if self.inference_batch_size < 1:
-            raise ConfigError(f"ray.inference_batch_size must be >= 1; got {self.inference_batch_size}")
-        if self.resource_wait_s < 0:
-            raise ConfigError(f"ray.resource_wait_s must be >= 0 seconds; got {self.resource_wait_s}")
+        check_ranges(self, "ray")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
     """The randomly drawn subset of the prunable pool that the scoring run sees."""
 
-    subset_fraction: float = 0.2
-    seed: int = 0
+    subset_fraction: float = bounded(0.2, gt=0, le=1)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
-        _wrap(check_fraction, self.subset_fraction, "split.subset_fraction")
+        check_ranges(self, "split")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "small_cnn"
-    width: int = 32
+    name: str = one_of("small_cnn", MODEL_NAMES)
+    width: int = bounded(32, ge=1, le=1024)
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.name, "model.name", MODEL_NAMES)
+        check_ranges(self, "model")
 
 
 @dataclass(frozen=True)
 class AttackSettings:
     """The training attack (also used by the recording pass). eps/step in [0,1] pixel units."""
 
-    norm: str = "linf"
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 5
+    norm: str = one_of("linf", NORMS)
+    eps: float = bounded(8 / 255, ge=0)
+    step_size: float = bounded(2 / 255, ge=0)
+    steps: int = bounded(5, ge=0, le=100_000)
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.norm, "attack.norm", NORMS)
-        if not self.eps >= 0 or self.steps < 0 or (self.steps > 0 and not self.step_size > 0):
-            raise ConfigError("attack: eps must be >= 0, steps >= 0 and step_size > 0")
+        check_ranges(self, "attack")
+        if self.steps > 0 and self.step_size == 0:
+            raise ConfigError("attack.step_size must be > 0 when attack.steps > 0; got 0")
+        if self.norm == "linf" and (self.eps > 1 or self.step_size > 1):
+            raise ConfigError(f"attack.eps and attack.step_size must be <= 1 for the linf norm (pixels are in [0, 1]); "
+                              f"got eps {self.eps!r}, step_size {self.step_size!r}")
 
 
 @dataclass(frozen=True)
@@ -134,44 +128,35 @@ class TrainConfig:
     the small subset. ``batch_size`` is global (split over the training workers).
     """
 
-    loss: str = "pgd_at"
-    trades_beta: float = 5.0
-    label_smoothing: float = 0.0
-    epochs: int = 15
-    steps_per_epoch: int = 0
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    loss: str = one_of("pgd_at", AT_LOSSES)
+    trades_beta: float = bounded(5.0, ge=0)
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    epochs: int = bounded(15, ge=1, le=100_000)
+    steps_per_epoch: int = bounded(0, ge=0, le=COUNT_MAX)
+    batch_size: int = bounded(128, ge=1, le=1 << 20)
+    lr: float = bounded(0.1, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(5e-4, ge=0)
     nesterov: bool = True
-    schedule: str = "cosine"
-    warmup_epochs: int = 1
+    schedule: str = one_of("cosine", SCHEDULES)
+    warmup_epochs: int = bounded(1, ge=0, le=100_000)
     augment: bool = True
-    seed: int = 0
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.loss, "train.loss", AT_LOSSES)
-        _wrap(check_choice, self.schedule, "train.schedule", SCHEDULES)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1; got {getattr(self, name)}")
-        if self.steps_per_epoch < 0:
-            raise ConfigError(f"train.steps_per_epoch must be >= 0 (0 = size by the real data); got {self.steps_per_epoch}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0; got {self.lr}")
+        check_ranges(self, "train")
 
 
 @dataclass(frozen=True)
 class ScoringConfig:
     """How recorded histories become scores."""
 
-    score: str = "dynamic_uncertainty"
-    signal: str = "adv"
-    window: int = 10
+    score: str = one_of("dynamic_uncertainty", SCORES)
+    signal: str = one_of("adv", SIGNALS)
+    window: int = bounded(10, ge=1, le=100_000)
 
     def __post_init__(self) -> None:
-        _wrap(check_choice, self.score, "scoring.score", SCORES)
-        _wrap(check_choice, self.signal, "scoring.signal", SIGNALS)
+        check_ranges(self, "scoring")
 
 
 @dataclass(frozen=True)
@@ -181,38 +166,31 @@ class ExtrapolationSettings:
     variant (k, weighting, metric, same_label) with the best probe Spearman correlation.
     """
 
-    k: int = 12
-    weighting: str = "uniform"
-    metric: str = "euclidean"
-    method: str = "exact"
+    k: int = bounded(12, ge=1, le=100_000)
+    weighting: str = one_of("uniform", WEIGHTINGS)
+    metric: str = one_of("euclidean", METRICS)
+    method: str = one_of("exact", METHODS)
     same_label: bool = False
-    probe_fraction: float = 0.1
+    probe_fraction: float = bounded(0.1, ge=0, lt=1)
     auto: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.probe_fraction < 1.0:
-            raise ConfigError(f"extrapolation.probe_fraction must be in [0, 1); got {self.probe_fraction}")
+        check_ranges(self, "extrapolation")
         if self.auto and self.probe_fraction == 0:
             raise ConfigError("extrapolation.auto needs a probe: set extrapolation.probe_fraction > 0")
-        if self.k < 1:
-            raise ConfigError(f"extrapolation.k must be >= 1; got {self.k}")
-        _wrap(check_choice, self.weighting, "extrapolation.weighting", WEIGHTINGS)
-        _wrap(check_choice, self.metric, "extrapolation.metric", METRICS)
-        _wrap(check_choice, self.method, "extrapolation.method", METHODS)
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """``keep_fraction`` of the prunable samples survive; others are always kept."""
 
-    keep_fraction: float = 0.5
+    keep_fraction: float = bounded(0.5, gt=0, le=1)
     class_balanced: bool = True
-    strategy: str = "score"
-    seed: int = 0
+    strategy: str = one_of("score", STRATEGIES)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
-        _wrap(check_fraction, self.keep_fraction, "selection.keep_fraction")
-        _wrap(check_choice, self.strategy, "selection.strategy", STRATEGIES)
+        check_ranges(self, "selection")
 
 
 @dataclass(frozen=True)
@@ -232,21 +210,15 @@ class FinalConfig:
 
     enabled: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
-    synthetic_fraction: float = 0.8
-    ema_decay: float = 0.995
-    val_size: int = 256
-    val_attack_steps: int = 10
-    early_stop_patience: int = 0
+    synthetic_fraction: float = bounded(0.8, ge=0, le=1, special=((-1, "no mixing"),))
+    ema_decay: float = bounded(0.995, ge=0, lt=1)
+    val_size: int = bounded(256, ge=0, le=COUNT_MAX)
+    val_attack_steps: int = bounded(10, ge=0, le=100_000)
+    early_stop_patience: int = bounded(0, ge=0, le=100_000)
     compare_random: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.synthetic_fraction == -1 or 0.0 <= self.synthetic_fraction <= 1.0):
-            raise ConfigError(f"final.synthetic_fraction must be in [0, 1] or -1 (no mixing); got {self.synthetic_fraction}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"final.ema_decay must be in [0, 1); got {self.ema_decay}")
-        for name in ("val_size", "val_attack_steps", "early_stop_patience"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"final.{name} must be >= 0; got {getattr(self, name)}")
+        check_ranges(self, "final")
 
 
 @dataclass(frozen=True)
@@ -264,20 +236,16 @@ class EvaluationConfig:
     """
 
     test_pool: str = ""
-    demo_test_size: int = 500
+    demo_test_size: int = bounded(500, ge=1, le=10_000_000)
     attacks: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t")
-    pgd_steps: int = 10
-    apgd_steps: int = 25
-    apgd_targets: int = 3
-    actors: int = 0
-    batch_size: int = 256
+    pgd_steps: int = bounded(10, ge=1, le=100_000)
+    apgd_steps: int = bounded(25, ge=1, le=100_000)
+    apgd_targets: int = bounded(3, ge=1, le=10_000)
+    actors: int = bounded(0, ge=0, le=100_000)
+    batch_size: int = bounded(256, ge=1, le=1 << 20)
 
     def __post_init__(self) -> None:
-        for name in ("demo_test_size", "pgd_steps", "apgd_steps", "apgd_targets", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"evaluation.{name} must be >= 1; got {getattr(self, name)}")
-        if self.actors < 0:
-            raise ConfigError(f"evaluation.actors must be >= 0 (0 = size from the cluster); got {self.actors}")
+        check_ranges(self, "evaluation")
         unknown = [a for a in self.attacks if a not in EVAL_ATTACKS]
         if unknown or not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(
@@ -311,6 +279,7 @@ class JobConfig:
 
     output_dir: str = "outputs/demo"
     publish_uri: str = ""
+    stale_results: str = one_of("refuse", STALE_RESULTS)
     pool: PoolConfig = field(default_factory=PoolConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -325,6 +294,13 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        check_ranges(self, "")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must be a directory path; got an empty string")
+        if self.train.warmup_epochs > self.train.epochs or self.final.train.warmup_epochs > self.final.train.epochs:
+            raise ConfigError("train.warmup_epochs (and final.train.warmup_epochs) must be <= the epochs of the same "
+                              f"training; got {self.train.warmup_epochs} of {self.train.epochs} and "
+                              f"{self.final.train.warmup_epochs} of {self.final.train.epochs}")
         if is_uri(self.output_dir):
             raise ConfigError(
                 f"output_dir must be a local or shared POSIX path (its commit markers need atomic renames); got "
@@ -335,13 +311,6 @@ class JobConfig:
                 f"scoring.window ({self.scoring.window}) must be smaller than train.epochs ({self.train.epochs}): "
                 f"Dynamic Uncertainty needs more epochs than its window"
             )
-
-
-def _wrap(check, value, name, *args):
-    try:
-        return check(value, name, *args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ dict <-> dataclass
@@ -358,6 +327,32 @@ def to_dict(config) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
+
+
+def flat_options(config) -> dict[str, Any]:
+    """The config as ``dotted.key -> value`` with JSON types (lists, not tuples): what stage
+    records store and compare."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+
+    walk(to_dict(config), "")
+    return out
+
+
+def select_options(config, *keys: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options under each dotted ``keys`` prefix (a section or one option), minus ``exclude``."""
+    flat = flat_options(config)
+    picked = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+    unknown = [p for p in keys if not any(k == p or k.startswith(p + ".") for k in flat)]
+    if unknown:  # a programming error: a stage names an option that does not exist
+        raise KeyError(f"no config option or section {', '.join(unknown)}")
+    return {k: v for k, v in picked.items() if k not in exclude}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -437,6 +432,8 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
             kwargs[name] = _coerce(value, typ, prefix + name)
     try:
         return cls(**kwargs)
+    except OptionError as exc:  # name the field by where it sits (final.train.lr, not train.lr)
+        raise ConfigError(f"{prefix}{exc.name.rsplit('.', 1)[-1]} {exc.problem}") from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -468,14 +465,53 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def read_config_text(path: Path) -> str:
+    """The text of a YAML config file: a regular file of at most ``MAX_CONFIG_BYTES``.
+
+    A FIFO, device or directory is refused before it is opened (reading ``/dev/zero`` or
+    a pipe nobody writes to would never end).
+    """
+    import stat
+
+    if not str(path).strip():
+        raise ConfigError("--config needs a file path; got an empty string")
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"config file {path} is not a regular file; give a YAML file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a rayprune config is a "
+                          "short YAML file (see configs/)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); give a YAML file") from None
+
+
+def option_ranges(cls=JobConfig, prefix: str = "") -> dict[str, Any]:
+    """Every bounded leaf option as ``dotted.key -> Range`` (for --help, the README and tests)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        typ = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            out.update(option_ranges(typ, f"{prefix}{f.name}."))
+        elif field_range(f) is not None:
+            out[prefix + f.name] = field_range(f)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """Defaults <- YAML file <- dotted overrides, validated into a JobConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        text = read_config_text(Path(path))
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

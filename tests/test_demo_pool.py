@@ -65,7 +65,7 @@ def test_classes_carry_signal_and_difficulty_hurts(rows):
 
 
 def test_bad_spec_and_range():
-    with pytest.raises(ValueError, match="image_size must be >= 8"):
+    with pytest.raises(ValueError, match=r"image_size must be an integer in \[8, 1024\]"):
         DemoPoolSpec(image_size=4)
     with pytest.raises(ValueError, match="at least one row"):
         DemoPoolSpec(n_real=0, n_synthetic=0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rayprune.bounds import COUNT_MAX, bounded, check_ranges, seed_field
 from rayprune.validation import check_positive_int
 
 BLOCK_ROWS = 1024
@@ -33,27 +34,19 @@ SOURCES = ("real", "synthetic")
 class DemoPoolSpec:
     """Size and character of a demo pool."""
 
-    n_real: int = 1000
-    n_synthetic: int = 4000
-    image_size: int = 16
-    num_classes: int = 10
-    seed: int = 0
-    label_noise: float = 0.03
-    duplicate_fraction: float = 0.1
-    noise_std: float = 0.08
+    n_real: int = bounded(1000, ge=0, le=COUNT_MAX)
+    n_synthetic: int = bounded(4000, ge=0, le=COUNT_MAX)
+    image_size: int = bounded(16, ge=8, le=1024)
+    num_classes: int = bounded(10, ge=2, le=10_000)
+    seed: int = seed_field()
+    label_noise: float = bounded(0.03, ge=0, lt=1)
+    duplicate_fraction: float = bounded(0.1, ge=0, lt=1)
+    noise_std: float = bounded(0.08, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        if self.n_real < 0 or self.n_synthetic < 0 or self.n_real + self.n_synthetic == 0:
-            raise ValueError(
-                f"n_real and n_synthetic must be >= 0 with at least one row; got {self.n_real}, {self.n_synthetic}"
-            )
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8; got {self.image_size}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
-        for name in ("label_noise", "duplicate_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        check_ranges(self, "pool.demo")
+        if self.n_real + self.n_synthetic == 0:
+            raise ValueError("pool.demo.n_real and pool.demo.n_synthetic must give at least one row; got 0 and 0")
 
     @property
     def n_rows(self) -> int:
