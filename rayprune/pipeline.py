@@ -20,8 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rayprune.config import JobConfig, to_dict
-from rayprune.errors import InputError
+from rayprune import rundir
+from rayprune.config import JobConfig, flat_options, to_dict
+from rayprune.errors import InputError, one_line, user_error_message
 from rayprune.stages.common import digest, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -138,24 +139,72 @@ def _naming_unreadable_files(*pools):
         raise
 
 
+def planned_stages(config: JobConfig) -> tuple[str, ...]:
+    """The stage directories this config's run writes, in pipeline order."""
+    names = ([] if config.pool.path else ["pool"]) + ["split", "score_subset", "extrapolate", "select"]
+    if config.final.enabled:
+        names += ["final_train"] + ([] if config.evaluation.test_pool else ["test_pool"]) + ["evaluate"]
+        if config.final.compare_random:
+            names += ["random_baseline", "final_train_random", "evaluate_random"]
+    return tuple(names)
+
+
+def known_facts(config: JobConfig) -> dict[str, str]:
+    """The stage inputs besides options that are known before Ray starts: the pools' content."""
+    from rayprune.stages.prepare import open_pool
+
+    facts = {"pool": open_pool(config.pool.path).digest if config.pool.path else "demo"}
+    if config.final.enabled:
+        facts["test pool"] = open_pool(config.evaluation.test_pool).digest if config.evaluation.test_pool else "demo"
+    return facts
+
+
+def stale_stages(config: JobConfig) -> list[rundir.StaleStage]:
+    """Kept stage results in the output directory that this run would have to redo."""
+    root = Path(config.output_dir).resolve()
+    planned = planned_stages(config)
+    if not any((root / name).is_dir() for name in planned):
+        return []
+    return rundir.find_stale_stages(root, planned, flat_options(config), known_facts(config))
+
+
+def prepare_output_dir(config: JobConfig) -> Path:
+    """Mark the output directory as a run and archive or delete stale stage results as
+    ``stale_results`` says (the preflight has refused them under ``refuse``)."""
+    root = Path(config.output_dir).resolve()
+    for stale in stale_stages(config):
+        record, _ = rundir.read_record(root / stale.name)
+        rundir.set_aside(root / stale.name, record, config.stale_results)
+    rundir.claim(root)
+    (root / rundir.MANIFEST).unlink(missing_ok=True)  # ours: the directory is a run
+    return root
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for the MLflow run: the user error's message, or the exception."""
+    reason = user_error_message(exc) if isinstance(exc, Exception) else None
+    return one_line(reason or f"{type(exc).__name__}: {exc}")[:1000]
+
+
 def run_pipeline(config: JobConfig) -> RunSummary:
     """Run the whole job on the Ray cluster the config points at (or a local one).
 
     Bad input is rejected by the preflight before Ray, MLflow or the output directory
-    are touched.
+    are touched. If the run fails, stages that started and cannot resume are removed
+    (nothing half-written looks like progress) and the MLflow run records why.
     """
     from rayprune.job_tracking import make_tracker
     from rayprune.preflight import preflight
 
     preflight(config)
-    root = Path(config.output_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "manifest.json").unlink(missing_ok=True)
+    root = prepare_output_dir(config)
     tracker = make_tracker(config)
     tracker.start_job(root.name, params=to_dict(config), tags={"output_dir": str(root)})
     try:
         summary = _run_stages(config, root, tracker)
-    except BaseException:
+    except BaseException as exc:
+        rundir.remove_unfinished(root)
+        tracker.set_tags({"failure_reason": failure_reason(exc)})
         tracker.end_job("FAILED")
         raise
     finally:
@@ -204,12 +253,12 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     final = evaluation = None
     if config.final.enabled:
         with _stage(summary, tracker, "final_train"):
-            final = run_final(config, pool, selected.pruned_pool, selected.digest, root, plan)
+            final = run_final(config, pool, selected.pruned_pool, {"select": selected.digest}, root, plan)
             jt.log_final(tracker, final.history)
         with _stage(summary, tracker, "evaluate"):
             test = run_test_pool(config, root)
             with _naming_unreadable_files(test.path):
-                evaluation = run_evaluate(config, test, final.model_file, final.digest, root, plan)
+                evaluation = run_evaluate(config, test, final.model_file, {"final_train": final.digest}, root, plan)
             jt.log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
             tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
         with _stage(summary, tracker, "register"):
@@ -227,8 +276,10 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         if config.final.compare_random:
             with _stage(summary, tracker, "random_baseline"):
                 random_pool, random_digest = write_random_pool(config, pool, selected.kept, root)
-                random_final = run_final(config, pool, random_pool, random_digest, root, plan, name="final_train_random")
-                random_eval = run_evaluate(config, test, random_final.model_file, random_final.digest, root, plan,
+                random_final = run_final(config, pool, random_pool, {"random_baseline": random_digest}, root, plan,
+                                         name="final_train_random")
+                random_eval = run_evaluate(config, test, random_final.model_file,
+                                           {"final_train_random": random_final.digest}, root, plan,
                                            name="evaluate_random")
                 tracker.log_metrics({f"test_{k}": v for k, v in random_eval.metrics.items()})
             summary.random_baseline_metrics = random_eval.metrics

@@ -11,12 +11,14 @@ must open (known scheme, credentials, an existing bucket).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from rayprune import storage
+from rayprune import rundir, storage
 from rayprune.config import ConfigError, JobConfig
+from rayprune.errors import InputError
 from rayprune.data.pool import PoolError
 from rayprune.data.pool_check import check_pool
 from rayprune.scoring.quality import probe_size
@@ -55,10 +57,36 @@ def check_sizes(config: JobConfig, sources: dict[str, int], where: str) -> None:
                               f"of {n_kept}; lower final.val_size")
 
 
+def local_path(location: str) -> Path | None:
+    """``location`` as a resolved local path (plain paths and file:// URIs), else None."""
+    if not location:
+        return None
+    if storage.is_uri(location):
+        fs, path = storage.resolve(location)
+        return Path(path).resolve() if isinstance(fs, pafs.LocalFileSystem) else None
+    return Path(location).resolve()
+
+
 def check_output_dir(config: JobConfig) -> None:
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    """The output directory is new, empty or an earlier run; it does not overlap a pool; and
+    under ``stale_results=refuse`` it holds no kept results that this run would replace."""
+    from rayprune.pipeline import stale_stages
+
+    out = Path(config.output_dir).resolve()
+    for option, location in (("pool.path", config.pool.path), ("evaluation.test_pool", config.evaluation.test_pool)):
+        pool = local_path(location)
+        if pool is not None and (out == pool or out.is_relative_to(pool) or pool.is_relative_to(out)):
+            raise ConfigError(f"output_dir {out} and {option} {pool} overlap; the outputs must live apart from the "
+                              "pools: choose an --output-dir outside (and not above) the pool")
+    try:
+        rundir.check_claimable(out)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    stale = stale_stages(config)
+    if stale and config.stale_results == "refuse":
+        raise ConfigError(f"{rundir.describe_stale(out, stale)}; this run would redo them: rerun with --stale_results "
+                          f"archive (moves them to {out / rundir.ARCHIVE_DIR}/) or --stale_results delete, or choose "
+                          "another --output-dir")
 
 
 def check_storage(config: JobConfig) -> None:
@@ -78,9 +106,27 @@ def check_storage(config: JobConfig) -> None:
                               "(a URI such as s3://bucket/run, or another directory)")
 
 
+def check_classes_and_threat_model(config: JobConfig, shape: tuple[int, int, int], classes: int, where: str) -> None:
+    """Options that depend on the number of classes and the image size."""
+    if classes < 2:
+        raise PoolError(f"{where} has {classes} class; adversarial training of a classifier needs at least 2")
+    if config.final.enabled and "apgd_t" in config.evaluation.attacks and classes < 3:
+        raise ConfigError(f"evaluation.attacks includes apgd_t, whose targeted DLR loss needs at least 3 classes; "
+                          f"{where} has {classes}: leave apgd_t out of evaluation.attacks")
+    if config.attack.norm == "l2":
+        diameter = math.sqrt(math.prod(shape))  # the L2 distance between an all-0 and an all-1 image
+        if config.attack.eps > diameter or config.attack.step_size > diameter:
+            raise ConfigError(f"attack.eps ({config.attack.eps:g}) and attack.step_size ({config.attack.step_size:g}) "
+                              f"must be <= {diameter:.4g} for the l2 norm on {where}'s {'x'.join(map(str, shape))} "
+                              "images (the largest L2 distance between two images in [0, 1])")
+
+
 def preflight(config: JobConfig) -> None:
-    """Check the job's inputs against its config; raise ConfigError/PoolError naming the problem."""
-    check_output_dir(config)
+    """Check the job's inputs against its config; raise ConfigError/PoolError naming the problem.
+
+    The output directory is checked last: whether it holds stale results depends on the
+    pools' content, which must be known to be readable first.
+    """
     check_storage(config)
     if config.pool.path:
         info = check_pool(config.pool.path)
@@ -90,6 +136,7 @@ def preflight(config: JobConfig) -> None:
         sources = {k: v for k, v in (("real", demo.n_real), ("synthetic", demo.n_synthetic)) if v > 0}
         shape, classes, where = (demo.image_size, demo.image_size, 3), demo.num_classes, "the demo pool"
     check_sizes(config, sources, where)
+    check_classes_and_threat_model(config, shape, classes, where)
     if config.final.enabled and config.evaluation.test_pool:
         test = check_pool(config.evaluation.test_pool)
         if test.image_shape != shape or test.num_classes > classes:
@@ -97,3 +144,4 @@ def preflight(config: JobConfig) -> None:
                 f"evaluation.test_pool {config.evaluation.test_pool} has images {list(test.image_shape)} and "
                 f"{test.num_classes} classes; the model is trained on {where}: images {list(shape)}, {classes} classes"
             )
+    check_output_dir(config)

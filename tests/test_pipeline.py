@@ -122,6 +122,39 @@ def test_rerun_skips_finished_stages_and_manifest(job):
     assert not list(job["out"].glob("*/.*partial"))  # no temporary directories left
 
 
+def test_a_rerun_with_other_options_is_refused_then_archives_exactly_the_stale_stages(job, tmp_path):
+    """On a copy of the real run: its records name what changed, and archiving moves only
+    the stages made from it, byte for byte (the unit tests in test_output_dir.py use fake
+    records; these are the stages' own)."""
+    import dataclasses
+    import shutil
+
+    from rayprune.config import ConfigError
+    from rayprune.pipeline import planned_stages, prepare_output_dir
+    from rayprune.preflight import preflight
+
+    out = tmp_path / "copy"
+    shutil.copytree(job["out"], out)
+    config = dataclasses.replace(job["config"], output_dir=str(out), publish_uri="")
+    assert {p.parent.name for p in out.glob("*/_COMMITTED.json")} == set(planned_stages(config))
+    preflight(config)  # the same options: nothing stale
+    changed = dataclasses.replace(config, extrapolation=dataclasses.replace(config.extrapolation, k=6))
+    with pytest.raises(ConfigError, match=r"stage extrapolate \(extrapolation\.k: 5 -> 6\), and of select, "
+                                          r"final_train, evaluate made from them"):
+        preflight(changed)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    prepare_output_dir(dataclasses.replace(changed, stale_results="archive"))
+    moved = {p.name.split("-")[0]: p for p in (out / "_archive").iterdir()}
+    assert set(moved) == {"extrapolate", "select", "final_train", "evaluate"}
+    assert not (out / "manifest.json").exists()  # a run in progress has no manifest
+    for rel, content in before.items():
+        stage = rel.parts[0]
+        if stage == "manifest.json":
+            continue
+        now = moved[stage] / rel.relative_to(stage) if stage in moved else out / rel
+        assert now.read_bytes() == content
+
+
 def test_final_model_and_evaluation(job):
     """The evaluation's clean accuracy equals a direct computation with the saved model."""
     summary = job["summary"]

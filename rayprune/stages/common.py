@@ -1,10 +1,11 @@
 """What every stage shares: its directory, input digest, and commit marker.
 
-A stage writes under ``<output_dir>/<stage>/``. ``_STARTED.json`` records the digest of
-the inputs the stage is working from; ``_COMMITTED.json`` is written last, atomically,
-when every output is complete. A rerun skips a stage whose committed digest matches,
-resumes a stage started with the same digest (e.g. training from its checkpoints), and
-wipes a stage whose inputs changed. Outputs that look complete therefore are complete.
+A stage writes under ``<output_dir>/<stage>/``. ``_STARTED.json`` records the inputs
+the stage is working from (options, upstream digests, facts) and their digest;
+``_COMMITTED.json`` is written last, atomically, when every output is complete. A rerun
+skips a stage whose committed digest matches and resumes a stage started with the same
+digest (e.g. training from its checkpoints). Results made from other inputs are never
+removed silently (``rayprune.rundir``). Outputs that look complete therefore are complete.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayprune.config import JobConfig, select_options
 from rayprune.errors import InputError
+from rayprune.rundir import COMMITTED, STARTED, changed_inputs, read_record, set_aside
 
 logger = logging.getLogger(__name__)
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
-STARTED = "_STARTED.json"
-COMMITTED = "_COMMITTED.json"
 
 
 def digest(*parts: Any) -> str:
@@ -44,52 +45,89 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 @dataclass
 class Stage:
-    """One stage's directory and bookkeeping."""
+    """One stage's directory and bookkeeping.
+
+    ``options`` (dotted config keys and values), ``upstream`` (stage name -> that stage's
+    input digest) and ``facts`` (other inputs by name: the pool's content digest, the
+    number of training workers) are everything its results depend on; their digest is
+    the stage's identity, and they are recorded so that a rerun can say what changed.
+    ``resumable``: an unfinished run of this stage holds progress worth keeping
+    (training checkpoints). ``stale_results``: what :meth:`begin` does with kept results
+    made from other inputs (``refuse``, ``archive`` or ``delete``; see rayprune.rundir).
+    """
 
     name: str
     root: Path
-    input_digest: str
+    options: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    resumable: bool = False
+    stale_results: str = "refuse"
     started_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def input_digest(self) -> str:
+        return digest(self.options, self.upstream, self.facts)
 
     @property
     def dir(self) -> Path:
         return output_path(self.root, self.name)
 
+    def _inputs(self) -> dict:
+        return {"stage": self.name, "input_digest": self.input_digest, "options": self.options,
+                "upstream": self.upstream, "facts": self.facts, "resumable": self.resumable}
+
     def committed(self) -> dict | None:
         """The commit record if this stage finished with the same inputs, else None."""
-        marker = self.dir / COMMITTED
-        try:
-            record = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return record if record.get("input_digest") == self.input_digest else None
+        record, committed = read_record(self.dir)
+        return record if committed and record.get("input_digest") == self.input_digest else None
 
     def begin(self) -> None:
-        """Prepare the directory: keep a same-digest partial run, wipe anything else."""
-        started = self.dir / STARTED
-        try:
-            same = json.loads(started.read_text()).get("input_digest") == self.input_digest
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if self.dir.exists() and not same:
-            logger.info("stage %s: inputs changed or no record; starting afresh", self.name)
-            shutil.rmtree(self.dir)
+        """Prepare the directory: keep a same-input partial run (to resume), clear our own
+        unfinished work, and never remove kept results silently (see ``stale_results``)."""
+        record, committed = read_record(self.dir)
+        if self.dir.exists():
+            if record is None and (not self.dir.is_dir() or any(self.dir.iterdir())):
+                raise InputError(f"{self.dir} was not written by rayprune (no {STARTED}); move it away or choose "
+                                 "another --output-dir")
+            if record is not None and record.get("input_digest") != self.input_digest:
+                if committed or record.get("resumable"):
+                    self._set_aside(record, committed)
+                else:
+                    logger.info("stage %s: clearing an unfinished earlier attempt made from other inputs", self.name)
+                    shutil.rmtree(self.dir)
         (self.dir / COMMITTED).unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(started, {"input_digest": self.input_digest})
+        write_json_atomic(self.dir / STARTED, self._inputs())
         self.started_at = time.perf_counter()
+
+    def _set_aside(self, record: dict, committed: bool) -> None:
+        changes = "; ".join(changed_inputs(record, self._inputs()))
+        kept = "committed results" if committed else "an unfinished run that could resume"
+        if self.stale_results == "refuse":
+            raise InputError(f"stage {self.name}: {self.dir} holds {kept} made from other inputs ({changes}); "
+                             "rerun with --stale_results archive (moves them under _archive/) or --stale_results "
+                             "delete, or choose another --output-dir")
+        set_aside(self.dir, record, self.stale_results)
 
     def commit(self, outputs: dict[str, Any]) -> dict:
         """Mark the stage complete; ``outputs`` (counts, digests, paths) go in the record."""
         record = {
-            "stage": self.name,
-            "input_digest": self.input_digest,
+            **self._inputs(),
             "output_digest": digest(self.input_digest, outputs),
             "seconds": round(time.perf_counter() - self.started_at, 3),
             "outputs": outputs,
         }
         write_json_atomic(self.dir / COMMITTED, record)
         return record
+
+
+def stage_for(config: JobConfig, root: Path, name: str, options: tuple[str, ...], *, exclude: tuple[str, ...] = (),
+              upstream: dict[str, str] | None = None, facts: dict[str, Any] | None = None,
+              resumable: bool = False) -> Stage:
+    """A :class:`Stage` whose results depend on the config ``options`` (sections or dotted keys)."""
+    return Stage(name, root, select_options(config, *options, exclude=exclude), dict(upstream or {}),
+                 dict(facts or {}), resumable, config.stale_results)
 
 
 def safe_name(name: str, what: str = "name") -> str:

@@ -24,7 +24,7 @@ from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.evaluation import EvalConfig, robust_correct, summarize
 from rayprune.robust.training import to_float_images
-from rayprune.stages.common import Stage, digest, write_json_atomic
+from rayprune.stages.common import stage_for, write_json_atomic
 from rayprune.stages.prepare import PoolRef
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import load_model_file, write_table_atomic
@@ -81,9 +81,11 @@ class EvalResult:
     digest: str
 
 
-def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, model_digest: str, root: Path,
+def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, trained_by: dict[str, str], root: Path,
                  plan: ResourcePlan, name: str = "evaluate") -> EvalResult:
-    stage = Stage(name, root, digest(test.digest, model_digest, to_dict(config.evaluation), to_dict(config.attack)))
+    """Evaluate ``model_file`` on ``test``; ``trained_by``: the training stage and its digest."""
+    upstream, facts = test.as_input("test pool")
+    stage = stage_for(config, root, name, ("evaluation", "attack"), upstream={**upstream, **trained_by}, facts=facts)
     per_sample, metrics_file = stage.dir / "per_sample.parquet", stage.dir / "metrics.json"
     if stage.committed() is None:
         stage.begin()

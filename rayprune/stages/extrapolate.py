@@ -33,7 +33,7 @@ from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrap
 from rayprune.scoring.neighbours import METRICS, SearchOptions
 from rayprune.scoring.quality import probe_quality, split_probe
 from rayprune.scoring.scores import SCORE_DIRECTIONS
-from rayprune.stages.common import Stage, digest, fresh_dir, swap_in, write_json_atomic
+from rayprune.stages.common import fresh_dir, stage_for, swap_in, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.score import ScoreResult
@@ -248,7 +248,9 @@ def check_neighbour_counts(config: JobConfig, neighbour_labels: np.ndarray) -> N
 
 def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score: ScoreResult, root: Path,
                     plan: ResourcePlan) -> ExtrapolateResult:
-    stage = Stage("extrapolate", root, digest(pool.digest, score.digest, to_dict(config.extrapolation)))
+    upstream, facts = pool.as_input("pool")
+    stage = stage_for(config, root, "extrapolate", ("extrapolation", "scoring"),
+                      upstream={**upstream, "score_subset": score.digest}, facts=facts)
     scores_dir, ref_file = stage.dir / SCORES_DIR, stage.dir / REFERENCE_FILE
     record = stage.committed()
     if record is None:

@@ -30,7 +30,7 @@ from rayprune.robust.ema import ModelEMA, unwrap_model
 from rayprune.robust.loop import BatchStream, MixedBatchStream, mix_counts, train_steps
 from rayprune.robust.recording import record_predictions
 from rayprune.robust.training import to_float_images
-from rayprune.stages.common import Stage, digest
+from rayprune.stages.common import stage_for
 from rayprune.stages.prepare import PoolRef, read_ids_and_sources
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import (
@@ -185,17 +185,19 @@ def final_loop(loop_config: dict) -> None:
         Path(loop_config["history_file"]).write_text(json.dumps(state, indent=2))
 
 
-def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, select_digest: str, root: Path,
+def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, made_by: dict[str, str], root: Path,
               plan: ResourcePlan, name: str = "final_train") -> FinalResult:
-    """Train the robust model on ``pruned_pool`` (the selection, or the random baseline)."""
+    """Train the robust model on ``pruned_pool`` (the selection, or the random baseline);
+    ``made_by``: the stage that wrote the pruned pool and its digest."""
     info = read_pool_info(pruned_pool)
     files = pool_files(pruned_pool, info)
     ids, sources = read_ids_and_sources(files)
     train_ids, val_ids = split_train_val(ids, sources, config.pool.prunable_sources, config.final.val_size)
     n_real = int((~np.isin(sources, list(config.pool.prunable_sources))).sum()) - len(val_ids)
     per_epoch = final_steps_per_epoch(config, max(0, n_real), len(train_ids))
-    relevant = {"final": to_dict(config.final), "model": to_dict(config.model), "attack": to_dict(config.attack)}
-    stage = Stage(name, root, digest(select_digest, relevant, plan.train_workers))
+    stage = stage_for(config, root, name, ("final", "model", "attack"),
+                      exclude=("final.enabled", "final.compare_random"), upstream=made_by,
+                      facts={"training workers": plan.train_workers}, resumable=True)
     model_file, history_file = stage.dir / MODEL_FILE, stage.dir / HISTORY_FILE
     steps = per_epoch * config.final.train.epochs
     if stage.committed() is None:
@@ -228,7 +230,9 @@ def write_random_pool(config: JobConfig, pool: PoolRef, kept: int, root: Path) -
     from rayprune.scoring.select import select_random
     from rayprune.stages.select import write_pruned_pool
 
-    stage = Stage("random_baseline", root, digest(pool.digest, to_dict(config.selection), kept))
+    upstream, facts = pool.as_input("pool")
+    stage = stage_for(config, root, "random_baseline", ("selection", "pool.prunable_sources"), upstream=upstream,
+                      facts={**facts, "kept": kept})
     out = stage.dir / "pruned_pool"
     if stage.committed() is None:
         stage.begin()

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import ray
 
 from rayprune import storage
-from rayprune.config import JobConfig, to_dict
+from rayprune.config import JobConfig
 from rayprune.data.demo_pool import generate_test_rows
 from rayprune.data.pool import POOL_META, PoolError, PoolInfo, PoolWriter, pool_files, read_pool_info, write_demo_pool
 from rayprune.scoring.select import draw_subset
-from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
+from rayprune.stages.common import digest, fresh_dir, stage_for, swap_in
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ class PoolRef:
     info: PoolInfo
     files: list[str]
     digest: str
+    stage: str = ""  # the stage that generated it (the demo pools), or "" for a user's pool
+
+    def as_input(self, fact: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(upstream, facts) of a stage that reads this pool: the generating stage's digest,
+        or a user pool's content digest as the fact ``fact`` (what the preflight can check)."""
+        if self.stage:
+            return {self.stage: self.digest}, {fact: "demo"}
+        return {}, {fact: self.digest}
 
 
 def open_pool(path: str | Path) -> PoolRef:
@@ -52,7 +60,7 @@ def run_pool(config: JobConfig, root: Path) -> PoolRef:
     """Use the pool at ``pool.path``, or generate the demo pool once into ``<root>/pool``."""
     if config.pool.path:
         return open_pool(config.pool.path)
-    stage = Stage("pool", root, digest("demo", to_dict(config.pool.demo)))
+    stage = stage_for(config, root, "pool", ("pool.demo",))
     data = stage.dir / "data"
     if stage.committed() is None:
         stage.begin()
@@ -61,7 +69,7 @@ def run_pool(config: JobConfig, root: Path) -> PoolRef:
         write_demo_pool(spec, data, rows_per_file=max(256, math.ceil(spec.n_rows / 16)), overwrite=True)
         stage.commit({"path": str(data)})
     info = read_pool_info(data)
-    return PoolRef(data, info, pool_files(data, info), stage.input_digest)
+    return PoolRef(data, info, pool_files(data, info), stage.input_digest, stage="pool")
 
 
 def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
@@ -69,7 +77,7 @@ def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
     if config.evaluation.test_pool:
         return open_pool(config.evaluation.test_pool)
     size = config.evaluation.demo_test_size
-    stage = Stage("test_pool", root, digest("demo-test", to_dict(config.pool.demo), size))
+    stage = stage_for(config, root, "test_pool", ("pool.demo", "evaluation.demo_test_size"))
     data = stage.dir / "data"
     if stage.committed() is None:
         stage.begin()
@@ -80,7 +88,7 @@ def run_test_pool(config: JobConfig, root: Path) -> PoolRef:
             writer.add(rows.ids, rows.images, rows.labels, rows.sources, origin="demo test split")
         stage.commit({"path": str(data), "rows": size})
     info = read_pool_info(data)
-    return PoolRef(data, info, pool_files(data, info), stage.input_digest)
+    return PoolRef(data, info, pool_files(data, info), stage.input_digest, stage="test_pool")
 
 
 def read_ids_and_sources(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +130,8 @@ def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
             f"pool.prunable_sources names {', '.join(unknown)}, which the pool at {pool.path} does not have; "
             f"its sources are {', '.join(sorted(pool.info.sources))}"
         )
-    stage = Stage("split", root, digest(pool.digest, to_dict(config.split), list(config.pool.prunable_sources)))
+    upstream, facts = pool.as_input("pool")
+    stage = stage_for(config, root, "split", ("split", "pool.prunable_sources"), upstream=upstream, facts=facts)
     subset_dir = stage.dir / "subset"
     record = stage.committed()
     if record is None:

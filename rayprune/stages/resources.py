@@ -54,7 +54,7 @@ class ResourcePlan:
 
 
 def connect(config: RayConfig) -> None:
-    """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a local Ray."""
+    """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a new local Ray."""
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
@@ -62,10 +62,12 @@ def connect(config: RayConfig) -> None:
         logger.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        logger.info("starting a local Ray instance")
-        # Local mode: the dashboard (which also serves the state API Ray Train polls)
-        # binds to loopback only.
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+        logger.info("starting a local Ray instance (--ray.address auto joins a cluster started with `ray start`)")
+        # address="local" always starts a new instance: without it ray.init() would join
+        # whatever cluster Ray's current-cluster file names, and hang retrying one that has
+        # died. The dashboard (which also serves the state API Ray Train polls) binds to
+        # loopback only.
+        ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def wait_for_resources(get_resources, cpus: float, gpus: float, timeout_s: float, poll_s: float = 5.0,

@@ -31,7 +31,7 @@ from rayprune.robust.loop import BatchStream, train_steps
 from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.scores import score_from_histories
-from rayprune.stages.common import Stage, digest, output_path, write_json_atomic
+from rayprune.stages.common import output_path, stage_for, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import (
@@ -202,8 +202,8 @@ def assemble_scores(config: JobConfig, records_dir: Path, world: int, epochs: in
 def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, plan: ResourcePlan) -> ScoreResult:
     """Train on the subset with Ray Train, record histories, compute the subset's scores."""
     per_epoch = steps_per_epoch(config, split.n_real, split.n_pool)
-    relevant = {k: to_dict(config)[k] for k in ("model", "attack", "train")}
-    stage = Stage("score_subset", root, digest(split.digest, relevant, plan.train_workers))
+    stage = stage_for(config, root, "score_subset", ("model", "attack", "train"), upstream={"split": split.digest},
+                      facts={"training workers": plan.train_workers}, resumable=True)
     records_dir, model_file = stage.dir / "records", stage.dir / MODEL_FILE
     scoring = config.scoring
     scores_file = output_path(stage.dir, f"{scoring.score}-{scoring.signal}-w{scoring.window}-{SCORES_FILE}")
@@ -237,4 +237,4 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             raise RuntimeError("subset scores do not cover exactly the subset ids")
         write_table_atomic(table, scores_file)
     return ScoreResult(model_file, scores_file, total_steps, read_epoch_metrics(records_dir, config.train.epochs),
-                       digest(stage.input_digest, to_dict(config.scoring)))
+                       stage.input_digest)

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import ray
 
 from rayprune import storage
-from rayprune.config import JobConfig, to_dict
+from rayprune.config import JobConfig
 from rayprune.data.pool import PoolInfo, write_pool_info
 from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.scoring.select import select_by_score, select_random
-from rayprune.stages.common import Stage, digest, fresh_dir, swap_in
+from rayprune.stages.common import fresh_dir, stage_for, swap_in
 from rayprune.stages.extrapolate import ExtrapolateResult
 from rayprune.stages.prepare import FilterIds, PoolRef, image_check_kwargs
 from rayprune.validation import check_finite_scores
@@ -91,8 +91,8 @@ def write_pruned_pool(pool: PoolRef, kept_ids: np.ndarray, per_source: dict[str,
 
 
 def run_select(config: JobConfig, pool: PoolRef, extrap: ExtrapolateResult, root: Path) -> SelectResult:
-    relevant = (to_dict(config.selection), list(config.pool.prunable_sources), config.scoring.score)
-    stage = Stage("select", root, digest(extrap.digest, relevant))
+    stage = stage_for(config, root, "select", ("selection", "pool.prunable_sources", "scoring.score"),
+                      upstream={"extrapolate": extrap.digest})
     kept_file, pruned = stage.dir / KEPT_FILE, stage.dir / PRUNED_DIR
     record = stage.committed()
     if record is None:
