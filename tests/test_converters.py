@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import tracemalloc
 import zipfile
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import tree_snapshot
 from rayprune.data import converters
 from rayprune.data.convert_cli import main as cli_main
 from rayprune.data.converters import InputSpec, convert, read_npz
@@ -171,6 +173,29 @@ def test_cifar10_test_split_and_binary_version_match(tmp_path):
         np.testing.assert_array_equal(t_py.column("label").to_numpy(), labels)
         np.testing.assert_array_equal(t_bin.column("label").to_numpy(), labels)
         assert info_bin.class_names == CIFAR_NAMES
+
+
+@pytest.mark.parametrize("version", ["py", "bin"])
+def test_cifar10_split_needs_only_its_own_batches(tmp_path, version):
+    """A train directory without test_batch(.bin), or a test directory without the data
+    batches, converts; class names still come from batches.meta(.txt)."""
+    rng = np.random.default_rng(14)
+    py_dir, batches = write_cifar_py(tmp_path / "py", rng)
+    full = py_dir if version == "py" else write_cifar_bin(tmp_path / "bin", batches)
+    suffix = "" if version == "py" else ".bin"
+    for split, names, absent in (("train", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+                                 ("test", ["test_batch"], [f"data_batch_{i}" for i in range(1, 6)])):
+        d = tmp_path / f"{split}-only" / full.name
+        shutil.copytree(full, d)
+        for name in absent:
+            (d / f"{name}{suffix}").unlink()
+        before = tree_snapshot(d.parent)
+        info = convert([InputSpec("cifar10", d, split=split)], tmp_path / f"pool-{split}")
+        assert tree_snapshot(d.parent) == before
+        _, table, images = read_pool(tmp_path / f"pool-{split}")
+        np.testing.assert_array_equal(images, planar_to_hwc(np.concatenate([batches[n][0] for n in names])))
+        np.testing.assert_array_equal(table.column("label").to_numpy(), np.concatenate([batches[n][1] for n in names]))
+        assert info.class_names == CIFAR_NAMES and info.num_classes == 10
 
 
 def test_python2_style_cifar_pickle_loads(tmp_path):

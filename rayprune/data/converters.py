@@ -254,10 +254,16 @@ def _find_cifar10(path: Path, split: str) -> tuple[str, list[Path]]:
     )
 
 
-def cifar10_class_names(path: str | Path) -> list[str]:
-    """Class names from ``batches.meta`` (python) or ``batches.meta.txt`` (binary); [] if absent."""
-    fmt, files = _find_cifar10(Path(path), "test")
-    directory = files[0].parent
+def cifar10_class_names(path: str | Path, split: str = "train") -> list[str]:
+    """Class names from ``batches.meta`` (python) or ``batches.meta.txt`` (binary) next to the
+    ``split``'s batches; [] if absent. Only that split's batches need to exist: a train
+    directory without ``test_batch`` (or a test directory without the data batches) is fine."""
+    fmt, files = _find_cifar10(Path(path), split)
+    return _class_names_in(files[0].parent, fmt)
+
+
+def _class_names_in(directory: Path, fmt: str) -> list[str]:
+    """The class names stored in the CIFAR-10 ``directory`` of format ``fmt``; [] if absent."""
     if fmt == "py":
         meta = directory / "batches.meta"
         if not meta.is_file():
@@ -581,8 +587,7 @@ def inspect_input(spec: InputSpec) -> InputInfo:
     """Check an input without writing anything: shape, classes, rows (cheap passes only)."""
     declared = spec.num_classes
     if spec.kind == "cifar10":
-        _find_cifar10(spec.path, spec.split)
-        names = cifar10_class_names(spec.path)
+        names = cifar10_class_names(spec.path, spec.split)
         if names and len(names) != CIFAR10_CLASSES:
             raise PoolError(f"{spec.describe()}: batches.meta lists {len(names)} class names; CIFAR-10 has 10")
         shape, rows, observed = CIFAR10_SHAPE, None, CIFAR10_CLASSES
