@@ -327,7 +327,7 @@ def test_npy_shorter_than_its_header(tmp_path):
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10, 2, 2, 3)})
     image = buf.getvalue() + bytes(6 * 12)
     label = io.BytesIO()
-    np.save(label, np.zeros(10, np.int64))
+    np.save(label, np.arange(10) % 2)  # two classes: a pool needs at least 2
     path = tmp_path / "short.npz"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("image.npy", image)
@@ -513,3 +513,34 @@ def test_cli_needs_an_input_and_has_help(tmp_path, capsys):
     text = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "pool.json" in text and "Nothing is downloaded" in text and "--cifar10" in text
+
+
+# ----------------------------------------------------------------------------- data safety
+
+
+def refused(root, parts, fn, *args, **kwargs):
+    """``fn`` raises one one-line PoolError naming every part; ``root``'s tree is byte-identical
+    afterwards (no user file changed or removed, nothing left behind)."""
+    before = tree_snapshot(root)
+    msg = expect_error(parts, fn, *args, **kwargs)
+    assert tree_snapshot(root) == before
+    return msg
+
+
+def test_a_one_class_pool_is_refused_before_writing(tmp_path):
+    rng = np.random.default_rng(20)
+    write_folder(tmp_path / "one", rng, classes=("cat",), per_class=(3,))
+    refused(tmp_path, [tmp_path / "one", "has 1 class (cat)", "at least 2 classes", "--num-classes"],
+            convert, [InputSpec("folder", tmp_path / "one")], tmp_path / "out")
+    zeros = make_npz(tmp_path / "zeros.npz", np.zeros((4, 4, 4, 3), np.uint8), np.zeros(4, np.int64))
+    refused(tmp_path, [zeros, "has 1 class", "at least 2 classes"], convert, [InputSpec("npz", zeros)],
+            tmp_path / "out")
+    refused(tmp_path, [zeros, "num_classes", "integer >= 2", "got 1"], InputSpec, "npz", zeros, num_classes=1)
+    # declaring the classes the labels do not show is the way out
+    assert convert([InputSpec("npz", zeros, num_classes=2)], tmp_path / "out").num_classes == 2
+    assert read_pool_info(tmp_path / "out").num_classes == 2
+
+
+def test_images_with_more_channels_than_a_pool_allows_are_refused_before_writing(tmp_path):
+    five = make_npz(tmp_path / "five.npz", np.zeros((4, 4, 4, 5), np.uint8), np.array([0, 1, 0, 1]))
+    refused(tmp_path, [five, "4x4x5", "C (channels) in 1..4"], convert, [InputSpec("npz", five)], tmp_path / "out")

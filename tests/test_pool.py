@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
+from conftest import tree_snapshot
 from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
 from rayprune.data.pool import (
     PoolError,
@@ -126,3 +127,98 @@ def test_open_pool_digest_tracks_content_facts(tmp_path):
     assert open_pool(tmp_path / "p").digest != first.digest  # other content, other digest
     with pytest.raises(PoolError, match="pool.json is missing"):
         open_pool(tmp_path)
+
+
+# ----------------------------------------------------------------------------- pool.json fields
+
+
+def write_meta(path, **changes):
+    """A valid pool.json for a 3-class pool of 4x5x3 images in ``path``, with ``changes``
+    (a value of ``...`` drops the field)."""
+    meta = {"num_rows": 3, "image_shape": [4, 5, 3], "num_classes": 3, "sources": {"real": 3},
+            "files": ["part-00000.parquet"], "format_version": 1, "class_names": []}
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not ...}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pool.json").write_text(json.dumps(meta))
+    return path / "pool.json"
+
+
+def expect_refused(root, parts, fn, *args, **kwargs):
+    """``fn`` raises one one-line PoolError naming every part, and ``root``'s tree is unchanged."""
+    before = tree_snapshot(root)
+    with pytest.raises(PoolError) as err:
+        fn(*args, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in parts:
+        assert str(part) in message, f"{part!r} not in {message!r}"
+    assert tree_snapshot(root) == before
+    return message
+
+
+@pytest.mark.parametrize(
+    "changes, parts",
+    [
+        ({"num_classes": 0}, ["num_classes must be an integer >= 2", "got 0"]),
+        ({"num_classes": 1}, ["num_classes must be an integer >= 2", "at least 2 classes", "got 1"]),
+        ({"num_classes": -3}, ["num_classes must be an integer >= 2", "got -3"]),
+        ({"num_classes": 2.5}, ["num_classes must be an integer", "got 2.5"]),
+        ({"num_classes": True}, ["num_classes must be an integer", "got True"]),
+        ({"num_classes": "3"}, ["num_classes must be an integer", "got '3'"]),
+        ({"num_classes": ...}, ["num_classes must be an integer >= 2", "it is missing"]),
+        ({"num_rows": -1}, ["num_rows must be an integer >= 1", "got -1"]),
+        ({"num_rows": 3.0}, ["num_rows must be an integer >= 1", "got 3.0"]),
+        ({"num_rows": ...}, ["num_rows", "it is missing"]),
+        ({"image_shape": [4, 5]}, ["image_shape must be [H, W, C]", "got [4, 5]"]),
+        ({"image_shape": [4, 0, 3]}, ["image_shape must be [H, W, C] with positive integer sizes", "got [4, 0, 3]"]),
+        ({"image_shape": [4, 5, 7]}, ["image_shape must be [H, W, C] with C (channels) in 1..4", "got [4, 5, 7]"]),
+        ({"image_shape": [4, 5, True]}, ["image_shape", "got [4, 5, True]"]),
+        ({"image_shape": ...}, ["image_shape", "it is missing"]),
+        ({"sources": {"real": 4, "synthetic": -1}}, ["sources must be", "integer >= 0", "'synthetic': -1"]),
+        ({"sources": {"real": "3"}}, ["sources must be", "got {'real': '3'}"]),
+        ({"sources": [3]}, ["sources must be", "got [3]"]),
+        ({"sources": {"real": 2}}, ["rows per source", "must add up to num_rows (3)"]),
+        ({"files": []}, ["files must be a non-empty list", "got []"]),
+        ({"files": "part-00000.parquet"}, ["files must be a non-empty list"]),
+        ({"files": [7]}, ["plain names inside the pool", "got 7"]),
+        ({"files": ["/etc/passwd"]}, ["plain names inside the pool", "'/etc/passwd'"]),
+        ({"files": ["a/../../b.parquet"]}, ["plain names inside the pool", "'a/../../b.parquet'"]),
+        ({"files": ["..\\x.parquet"]}, ["plain names inside the pool"]),
+        ({"files": ["pool.json"]}, ["plain names inside the pool", "'pool.json'"]),
+        ({"files": ["a.parquet", "a.parquet"]}, ["lists the file a.parquet more than once"]),
+        ({"class_names": ["cat"]}, ["class_names must be a list of 3 strings", "got ['cat']"]),
+        ({"format_version": 2}, ["format_version 2 is not supported"]),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]!r}"[:40] for k in v) if isinstance(v, dict) else None,
+)
+def test_pool_json_fields_are_checked_up_front_and_named(tmp_path, changes, parts):
+    meta = write_meta(tmp_path / "pool", **changes)
+    message = expect_refused(tmp_path, [meta, *parts], read_pool_info, tmp_path / "pool")
+    assert "out of range" not in message
+
+
+def test_pool_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "pool.json").write_text("[1, 2]")
+    expect_refused(tmp_path, [tmp_path / "pool.json", "must hold a JSON object", "got list"], read_pool_info, tmp_path)
+
+
+def test_a_zero_class_pool_is_named_by_the_preflight_not_as_a_label_range(tmp_path):
+    """The reported symptom: num_classes 0 came out as "label 0 out of range [0, -1]"."""
+    from rayprune.data.pool_check import check_pool
+
+    out = tmp_path / "pool"
+    with PoolWriter(out, image_shape=(4, 5, 3), num_classes=3) as w:
+        w.add(np.arange(3), images(3), np.array([0, 1, 2]), "real")
+    meta = json.loads((out / "pool.json").read_text())
+    (out / "pool.json").write_text(json.dumps({**meta, "num_classes": 0}))
+    message = expect_refused(tmp_path, [out / "pool.json", "num_classes must be an integer >= 2", "got 0"],
+                             check_pool, out)
+    assert "out of range" not in message
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, True])
+def test_writer_refuses_fewer_than_two_classes(tmp_path, num_classes):
+    expect_refused(tmp_path, ["num_classes must be an integer >= 2", "at least 2 classes"], PoolWriter,
+                   tmp_path / "pool", image_shape=(4, 5, 3), num_classes=num_classes)
+    assert list(tmp_path.iterdir()) == []

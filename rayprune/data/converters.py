@@ -39,7 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rayprune.data.pool import POOL_META, PoolError, PoolInfo, PoolWriter, read_pool_info
+from rayprune.data.pool import (
+    MIN_CLASSES,
+    POOL_META,
+    WHY_TWO_CLASSES,
+    PoolError,
+    PoolInfo,
+    PoolWriter,
+    image_shape_problem,
+    read_pool_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +97,10 @@ class InputSpec:
         if self.source is not None and (not isinstance(self.source, str) or not self.source.strip()):
             raise PoolError(f"source name for {self.path} must be a non-empty string; got {self.source!r}")
         if self.num_classes is not None and (
-            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < MIN_CLASSES
         ):
-            raise PoolError(f"num_classes for {self.path} must be a positive integer; got {self.num_classes!r}")
+            raise PoolError(f"num_classes for {self.path} must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); "
+                            f"got {self.num_classes!r}")
 
     @property
     def source_name(self) -> str:
@@ -626,6 +636,21 @@ def _check_out_dir(out_dir: Path, inputs: list[InputSpec], overwrite: bool) -> N
             raise PoolError(f"{out_dir} exists and is not a pool (no {POOL_META}); refusing to replace it")
 
 
+def _check_pool_shape_and_classes(infos: list[InputInfo], num_classes: int) -> None:
+    """Refuse, before anything is written, a pool rayprune could not read back: images with
+    more channels than a pool allows, or fewer than 2 classes."""
+    problem = image_shape_problem(infos[0].image_shape)
+    if problem:
+        raise PoolError(f"{infos[0].spec.describe()}: images are {_shape_str(infos[0].image_shape)} (HxWxC); "
+                        f"a pool's image shape {problem}")
+    if num_classes < MIN_CLASSES:
+        what = "; ".join(f"{info.spec.describe()} has {info.num_classes} class"
+                         + (f" ({', '.join(info.class_names)})" if info.class_names else "") for info in infos)
+        raise PoolError(f"the pool would have {num_classes} class ({what}); {WHY_TWO_CLASSES}. Give data with "
+                        f"more classes, or declare num_classes (--num-classes N, N >= {MIN_CLASSES}) if the "
+                        "data has classes its labels do not show")
+
+
 def _merge_class_names(infos: list[InputInfo], num_classes: int) -> list[str]:
     names: list[str] = []
     for info in infos:
@@ -669,6 +694,7 @@ def convert(
         infos.append(info)
     shape = infos[0].image_shape
     num_classes = max(info.num_classes for info in infos)
+    _check_pool_shape_and_classes(infos, num_classes)
     class_names = _merge_class_names(infos, num_classes)
     total = None if any(info.num_rows is None for info in infos) else sum(info.num_rows for info in infos)
     logger.info("converting %d input(s) into %s: images %s, %d classes", len(infos), out_dir, _shape_str(shape), num_classes)

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 POOL_META = "pool.json"
 FORMAT_VERSION = 1
+MIN_CLASSES = 2
+WHY_TWO_CLASSES = "a pool needs at least 2 classes: adversarial training of a classifier on one class is meaningless"
+MAX_CHANNELS = 4
 SCHEMA = pa.schema(
     [("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())]
 )
@@ -64,8 +67,120 @@ class PoolInfo:
         return h * w * c
 
 
+_MISSING = object()
+
+
+def _meta_error(meta: str, field_name: str, allowed: str, value: object = _MISSING) -> PoolError:
+    """The error for a ``pool.json`` field: which file, which field, what is allowed, what it holds."""
+    got = "it is missing" if value is _MISSING else f"got {_short_repr(value)}"
+    return PoolError(f"{meta} is malformed: {field_name} must be {allowed}; {got}")
+
+
+def _short_repr(value: object, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a field may hold a huge list)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer (``True`` and ``3.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def image_shape_problem(shape: object) -> str | None:
+    """Why ``shape`` is not a pool's image shape, or None. Allowed: [H, W, C], three positive
+    integers with C (channels) in 1..MAX_CHANNELS (grey, grey+alpha, RGB, RGBA)."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_int(v) and v >= 1 for v in shape):
+        return "must be [H, W, C] with positive integer sizes"
+    if shape[2] > MAX_CHANNELS:
+        return f"must be [H, W, C] with C (channels) in 1..{MAX_CHANNELS}; {shape[2]} channels are not an image"
+    return None
+
+
+PLAIN_NAME_RULE = (f"plain names inside the pool (strings without '/', '\\' or NUL; not '', '.', '..' or "
+                   f"{POOL_META})")
+
+
+def is_plain_file_name(name: object) -> bool:
+    """Whether ``name`` names a file directly inside the pool directory: no separators, not
+    empty, ``.``, ``..`` or pool.json, so no listed name can point outside the pool."""
+    return (isinstance(name, str) and name not in ("", ".", "..", POOL_META)
+            and not any(c in name for c in ("/", "\\", "\0")))
+
+
+def _int_field(meta: str, data: dict, name: str, minimum: int, why: str = "") -> int:
+    """``data[name]``, which must be a JSON integer >= ``minimum``."""
+    value = data.get(name, _MISSING)
+    if not _is_int(value) or value < minimum:
+        raise _meta_error(meta, name, f"an integer >= {minimum}{why}", value)
+    return value
+
+
+def _image_shape_field(meta: str, data: dict) -> tuple[int, int, int]:
+    shape = data.get("image_shape", _MISSING)
+    problem = image_shape_problem(shape) if shape is not _MISSING else "must be [H, W, C]"
+    if problem:
+        raise PoolError(f"{meta} is malformed: image_shape {problem}; "
+                        f"{'it is missing' if shape is _MISSING else 'got ' + _short_repr(shape)}")
+    return tuple(shape)
+
+
+def _sources_field(meta: str, data: dict, num_rows: int) -> dict[str, int]:
+    """Rows per source: non-negative integers adding up to ``num_rows``."""
+    sources = data.get("sources", _MISSING)
+    if not isinstance(sources, dict) or not all(_is_int(v) and v >= 0 for v in sources.values()):
+        raise _meta_error(meta, "sources", "an object mapping each source name to its row count (an integer >= 0)",
+                          sources)
+    if sum(sources.values()) != num_rows:
+        raise PoolError(f"{meta}: the rows per source ({sources}) must add up to num_rows ({num_rows})")
+    return dict(sources)
+
+
+def _files_field(meta: str, data: dict) -> list[str]:
+    """The file list: at least one name, each a plain name inside the pool, each once."""
+    files = data.get("files", _MISSING)
+    if not isinstance(files, list) or not files:
+        raise _meta_error(meta, "files", "a non-empty list of the pool's Parquet file names", files)
+    seen: set[str] = set()
+    for name in files:
+        if not is_plain_file_name(name):
+            raise PoolError(f"{meta}: file names must be {PLAIN_NAME_RULE}; got {_short_repr(name)}")
+        if name in seen:
+            raise PoolError(f"{meta}: lists the file {name} more than once; each file may be listed once")
+        seen.add(name)
+    return list(files)
+
+
+def _class_names_field(meta: str, data: dict, num_classes: int) -> list[str]:
+    names = data.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) not in (0, num_classes):
+        raise _meta_error(meta, "class_names", f"a list of {num_classes} strings (one per class) or empty", names)
+    return list(names)
+
+
+def _check_meta(meta: str, data: object) -> PoolInfo:
+    """Every field of a loaded ``pool.json``, checked up front; an error names the field."""
+    if not isinstance(data, dict):
+        raise PoolError(f"{meta} is malformed: it must hold a JSON object; got {type(data).__name__}")
+    version = data.get("format_version", FORMAT_VERSION)
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise PoolError(f"{meta}: format_version {_short_repr(version)} is not supported "
+                        f"(this rayprune reads {FORMAT_VERSION})")
+    if _is_int(data.get("num_rows")) and data["num_rows"] == 0:
+        raise PoolError(f"{meta}: the pool is empty (num_rows = 0)")
+    num_rows = _int_field(meta, data, "num_rows", 1)
+    num_classes = _int_field(meta, data, "num_classes", MIN_CLASSES, f" ({WHY_TWO_CLASSES})")
+    return PoolInfo(num_rows=num_rows, image_shape=_image_shape_field(meta, data), num_classes=num_classes,
+                    sources=_sources_field(meta, data, num_rows), files=_files_field(meta, data),
+                    format_version=version, class_names=_class_names_field(meta, data, num_classes))
+
+
 def read_pool_info(path: str | Path) -> PoolInfo:
-    """Load and check ``pool.json`` of the pool at ``path`` (a directory or a URI: ``rayprune.storage``)."""
+    """Load and check ``pool.json`` of the pool at ``path`` (a directory or a URI: ``rayprune.storage``).
+
+    Every field is checked here, before any other part of rayprune relies on it, and an
+    error names the field and what it may hold.
+    """
     meta = storage.join(path, POOL_META)
     try:
         data = json.loads(storage.read_text(meta))
@@ -73,32 +188,7 @@ def read_pool_info(path: str | Path) -> PoolInfo:
         raise PoolError(f"{path} is not a pool: {POOL_META} is missing (convert data with `rayprune-convert`)") from None
     except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PoolError(f"{meta} is unreadable: {one_line(exc)}") from None
-    try:
-        info = PoolInfo(
-            num_rows=int(data["num_rows"]),
-            image_shape=tuple(int(v) for v in data["image_shape"]),
-            num_classes=int(data["num_classes"]),
-            sources={str(k): int(v) for k, v in data["sources"].items()},
-            files=[str(f) for f in data["files"]],
-            format_version=int(data.get("format_version", FORMAT_VERSION)),
-            class_names=[str(c) for c in data.get("class_names", [])],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PoolError(f"{meta} is malformed ({exc!r}); expected num_rows, image_shape, num_classes, sources, files") from None
-    if info.format_version != FORMAT_VERSION:
-        raise PoolError(f"{meta}: format_version {info.format_version} is not supported (this rayprune reads {FORMAT_VERSION})")
-    if len(info.image_shape) != 3 or min(info.image_shape) < 1:
-        raise PoolError(f"{meta}: image_shape must be [H, W, C] with positive sizes; got {list(info.image_shape)}")
-    if info.num_rows < 1:
-        raise PoolError(f"{meta}: the pool is empty (num_rows = {info.num_rows})")
-    for name in info.files:
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise PoolError(f"{meta}: file names must be plain names inside the pool; got {name!r}")
-    if sum(info.sources.values()) != info.num_rows or min(info.sources.values(), default=0) < 0:
-        raise PoolError(
-            f"{meta}: the rows per source ({info.sources}) must add up to num_rows ({info.num_rows})"
-        )
-    return info
+    return _check_meta(meta, data)
 
 
 def write_pool_info(path: str | Path, info: PoolInfo) -> None:
@@ -163,8 +253,11 @@ class PoolWriter:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise PoolError(f"{self.out_dir} already exists; choose a new directory or pass overwrite")
-        if num_classes < 1:
-            raise PoolError(f"num_classes must be >= 1; got {num_classes}")
+        if not _is_int(num_classes) or num_classes < MIN_CLASSES:
+            raise PoolError(f"num_classes must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); got {num_classes!r}")
+        problem = image_shape_problem(tuple(image_shape))
+        if problem:
+            raise PoolError(f"image_shape {problem}; got {list(image_shape)}")
         if rows_per_file < 1:
             raise PoolError(f"rows_per_file must be >= 1; got {rows_per_file}")
         self.image_shape = tuple(int(v) for v in image_shape)
