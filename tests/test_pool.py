@@ -1,6 +1,7 @@
 """The pool format: writer validation, atomic output, and reading back."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -222,3 +223,52 @@ def test_writer_refuses_fewer_than_two_classes(tmp_path, num_classes):
     expect_refused(tmp_path, ["num_classes must be an integer >= 2", "at least 2 classes"], PoolWriter,
                    tmp_path / "pool", image_shape=(4, 5, 3), num_classes=num_classes)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- files that are not regular files
+
+
+def small_pool(path):
+    with PoolWriter(path, image_shape=(4, 5, 3), num_classes=3, rows_per_file=2) as w:
+        w.add(np.arange(4), images(4), np.array([0, 1, 2, 0]), "real")
+    return path
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo"])
+def test_a_pool_file_that_is_not_a_regular_file_is_named_not_opened(tmp_path, kind):
+    from rayprune.data.pool_check import check_pool, find_unreadable_data
+
+    pool = small_pool(tmp_path / "pool")
+    part = pool / "part-00001.parquet"
+    part.unlink()
+    if kind == "fifo":
+        os.mkfifo(part)
+    elif kind == "directory":
+        part.mkdir()
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        part.symlink_to(tmp_path / "fifo")
+    what = "a directory" if kind == "directory" else "a FIFO"
+    parts = [f"{part} is not a regular file ({what})", "must be regular Parquet files"]
+    for fn in (pool_files, check_pool, find_unreadable_data):
+        message = expect_refused(tmp_path, parts, fn, pool)
+        assert "missing" not in message
+
+
+def test_a_missing_pool_file_is_named_missing(tmp_path):
+    pool = small_pool(tmp_path / "pool")
+    (pool / "part-00001.parquet").unlink()
+    expect_refused(tmp_path, [f"{pool / 'part-00001.parquet'} is missing", "1 missing file(s)"], pool_files, pool)
+    (pool / "part-00001.parquet").symlink_to(tmp_path / "nowhere")  # a dangling link is missing too
+    expect_refused(tmp_path, [f"{pool / 'part-00001.parquet'} is missing"], pool_files, pool)
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_json_that_is_a_fifo_is_named_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "pool.json")
+    expect_refused(tmp_path, [f"{tmp_path / 'pool.json'} is not a regular file (a FIFO)"], read_pool_info, tmp_path)
+    (tmp_path / "pool.json").unlink()
+    (tmp_path / "pool.json").mkdir()
+    expect_refused(tmp_path, [f"{tmp_path / 'pool.json'} is not a regular file (a directory)"], read_pool_info,
+                   tmp_path)

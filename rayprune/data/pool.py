@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,9 @@ FORMAT_VERSION = 1
 MIN_CLASSES = 2
 WHY_TWO_CLASSES = "a pool needs at least 2 classes: adversarial training of a classifier on one class is meaningless"
 MAX_CHANNELS = 4
+MISSING = "is missing"
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
 SCHEMA = pa.schema(
     [("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())]
 )
@@ -47,6 +52,26 @@ SCHEMA = pa.schema(
 
 class PoolError(InputError):
     """A pool or pool input that is not valid; the message names the file and row."""
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, for messages: "a regular file", "a FIFO", "a directory" ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def local_file_problem(path: str | Path) -> str | None:
+    """None if the local ``path`` is a regular file (symbolic links followed), else what is
+    wrong: ``MISSING`` or "is not a regular file (a FIFO)". Only ``os.stat`` is used, never
+    ``open``: opening a FIFO for reading would block until someone writes to it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return MISSING
+    except (OSError, ValueError) as exc:  # permission denied, name too long, NUL in the name
+        return f"cannot be examined ({one_line(getattr(exc, 'strerror', None) or exc)})"
+    return None if stat.S_ISREG(mode) else f"is not a regular file ({file_kind(mode)})"
 
 
 @dataclass(frozen=True)
@@ -182,6 +207,10 @@ def read_pool_info(path: str | Path) -> PoolInfo:
     error names the field and what it may hold.
     """
     meta = storage.join(path, POOL_META)
+    if not storage.is_uri(str(path)):
+        problem = local_file_problem(meta)
+        if problem and problem != MISSING:
+            raise PoolError(f"{meta} {problem}; a pool's {POOL_META} is a JSON file written by rayprune-convert")
     try:
         data = json.loads(storage.read_text(meta))
     except FileNotFoundError:
@@ -199,13 +228,30 @@ def write_pool_info(path: str | Path, info: PoolInfo) -> None:
 
 
 def pool_files(path: str | Path, info: PoolInfo | None = None) -> list[str]:
-    """Locations (paths or URIs) of the pool's Parquet files, checked to exist."""
+    """Locations (paths or URIs) of the pool's Parquet files, checked to exist (local ones
+    to be regular files, see :func:`_check_local_files`)."""
     info = info or read_pool_info(path)
     files = [storage.join(path, name) for name in info.files]
+    if not storage.is_uri(str(path)):
+        _check_local_files(path, files)
+        return files
     missing = [f for f, size in zip(files, storage.file_sizes(files)) if size is None] if files else []
     if missing:
         raise PoolError(f"pool {path} lists {len(missing)} missing file(s), first: {missing[0]}")
     return files
+
+
+def _check_local_files(path: str | Path, files: list[str]) -> None:
+    """Every listed file of the local pool at ``path`` is a regular file. A missing file and
+    one that is a FIFO, directory, socket or device get different messages, and none is
+    opened here (a FIFO would block the reader)."""
+    problems = [(f, local_file_problem(f)) for f in files]
+    missing = sum(problem == MISSING for _, problem in problems)
+    for file, problem in problems:
+        if problem == MISSING:
+            raise PoolError(f"{file} is missing (pool {path} lists {missing} missing file(s))")
+        if problem:
+            raise PoolError(f"{file} {problem}; the files a pool lists must be regular Parquet files")
 
 
 def decode_images(column, shape: tuple[int, int, int], *, ids=None, origin: str = "the batch") -> np.ndarray:
