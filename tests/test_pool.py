@@ -272,3 +272,99 @@ def test_a_pool_json_that_is_a_fifo_is_named_not_opened(tmp_path):
     (tmp_path / "pool.json").mkdir()
     expect_refused(tmp_path, [f"{tmp_path / 'pool.json'} is not a regular file (a directory)"], read_pool_info,
                    tmp_path)
+
+
+# ----------------------------------------------------------------------------- the writer's temporary directory
+
+
+def write_small(out, **kwargs):
+    with PoolWriter(out, image_shape=(4, 5, 3), num_classes=3, rows_per_file=2, **kwargs) as w:
+        w.add(np.arange(3), images(3), np.array([0, 1, 2]), "real")
+    return read_pool_info(out)
+
+
+def test_a_finished_pool_holds_only_pool_json_and_its_files(tmp_path):
+    info = write_small(tmp_path / "a" / "pool")
+    assert sorted(os.listdir(tmp_path / "a")) == ["pool"]  # no partial directory, no marker
+    assert sorted(os.listdir(tmp_path / "a" / "pool")) == sorted(["pool.json", *info.files])
+
+
+@pytest.mark.parametrize("what", ["user-dir", "file", "link-to-dir", "marker-is-a-link"])
+def test_a_partial_directory_rayprune_did_not_make_is_never_removed(tmp_path, what):
+    partial, theirs = tmp_path / ".pool.partial", tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    if what == "user-dir":
+        partial.mkdir()
+        (partial / "part-00000.parquet").write_text("not ours")
+        (partial / ".hidden").write_text("x")
+    elif what == "file":
+        partial.write_text("a file")
+    elif what == "link-to-dir":
+        partial.symlink_to(theirs)
+    else:
+        partial.mkdir()
+        (partial / ".rayprune-partial").symlink_to(theirs / "thesis.tex")
+    for attempt in (lambda: write_small(tmp_path / "pool"), lambda: PoolWriter(tmp_path / "pool", image_shape=(4, 5, 3),
+                                                                               num_classes=3)):
+        expect_refused(tmp_path, [partial, "was not made by rayprune", "refusing to remove it"], attempt)
+    assert not (tmp_path / "pool").exists()
+
+
+def test_a_marked_partial_directory_holding_other_files_is_not_removed(tmp_path):
+    partial = tmp_path / ".pool.partial"
+    partial.mkdir()
+    (partial / ".rayprune-partial").write_text(json.dumps({"pid": 2**22 + 12345, "host": "elsewhere"}))
+    (partial / "part-00000.parquet").write_text("x")
+    (partial / "notes.txt").write_text("mine")
+    import socket
+
+    for marker in ({"pid": 999_999_999, "host": socket.gethostname()}, {}):  # a dead writer; a cut-short marker
+        (partial / ".rayprune-partial").write_text(json.dumps(marker))
+        expect_refused(tmp_path, [partial, "holds 'notes.txt'", "rayprune did not write"], write_small,
+                       tmp_path / "pool")
+
+
+def test_a_partial_directory_of_a_running_writer_is_not_removed(tmp_path):
+    import socket
+
+    partial = tmp_path / ".pool.partial"
+    partial.mkdir()
+    (partial / ".rayprune-partial").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    (partial / "part-00000.parquet").write_text("being written")
+    expect_refused(tmp_path, [partial, f"being written by rayprune (pid {os.getppid()}"], write_small,
+                   tmp_path / "pool")
+    (partial / ".rayprune-partial").write_text(json.dumps({"pid": 1, "host": "another-node"}))
+    expect_refused(tmp_path, [partial, "being written by rayprune (pid 1 on another-node)"], write_small,
+                   tmp_path / "pool")
+
+
+def test_a_partial_directory_left_by_a_dead_writer_is_cleaned_up(tmp_path):
+    import socket
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # its pid no longer runs
+    partial = tmp_path / ".pool.partial"
+    partial.mkdir()
+    (partial / ".rayprune-partial").write_text(json.dumps({"pid": done.pid, "host": socket.gethostname()}))
+    (partial / "part-00000.parquet").write_text("left by a killed run")
+    info = write_small(tmp_path / "pool")
+    assert sorted(os.listdir(tmp_path)) == ["pool"] and info.num_rows == 3
+
+
+def test_a_failed_write_removes_only_what_it_wrote(tmp_path, caplog):
+    out = tmp_path / "new" / "deeper" / "pool"
+    with pytest.raises(PoolError, match="duplicate id 1"):
+        with PoolWriter(out, image_shape=(4, 5, 3), num_classes=3, rows_per_file=1) as w:
+            w.add(np.arange(3), images(3), np.array([0, 1, 2]), "real")
+            w.add(np.array([1]), images(1), np.array([0]), "real")
+    assert list(tmp_path.iterdir()) == []  # the parent directories it made are gone too
+    with pytest.raises(RuntimeError):
+        with PoolWriter(out, image_shape=(4, 5, 3), num_classes=3, rows_per_file=1) as w:
+            w.add(np.arange(3), images(3), np.array([0, 1, 2]), "real")
+            (out.parent / ".pool.partial" / "mine.txt").write_text("someone else's")  # dropped in meanwhile
+            raise RuntimeError("interrupted")
+    assert tree_snapshot(tmp_path) == {"new": "<dir>", "new/deeper": "<dir>", "new/deeper/.pool.partial": "<dir>",
+                                       "new/deeper/.pool.partial/mine.txt": b"someone else's"}
+    assert "rayprune did not write" in caplog.text

@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ MIN_CLASSES = 2
 WHY_TWO_CLASSES = "a pool needs at least 2 classes: adversarial training of a classifier on one class is meaningless"
 MAX_CHANNELS = 4
 MISSING = "is missing"
+PARTIAL_MARKER = ".rayprune-partial"  # written first into a writer's temporary directory: "rayprune made this"
+_WRITER_FILE = re.compile(r"part-\d{5,}\.parquet")
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
 SCHEMA = pa.schema(
@@ -279,6 +283,101 @@ def encode_images(images: np.ndarray) -> pa.Array:
     return pa.array([row.tobytes() for row in flat], pa.binary())
 
 
+def _partial_dir(out_dir: Path) -> Path:
+    """The temporary sibling a pool is written into before it is renamed to ``out_dir``."""
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+def _writer_entry(name: str) -> bool:
+    """Whether ``name`` is something a PoolWriter writes into its temporary directory."""
+    return name in (PARTIAL_MARKER, POOL_META) or bool(_WRITER_FILE.fullmatch(name))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0 only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _check_writer_gone(tmp: Path) -> None:
+    """Refuse to remove the marked ``tmp`` while the writer named in its marker may still run:
+    on this host, a live pid; on another host (shared file system), it cannot be told."""
+    try:
+        owner = json.loads((tmp / PARTIAL_MARKER).read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # a marker cut short by a crash: its writer is gone
+    here = socket.gethostname()
+    if host == here and (pid == os.getpid() or not _pid_alive(pid)):
+        return
+    raise PoolError(f"{tmp} is being written by rayprune (pid {pid} on {host}); wait for it to finish, or remove "
+                    f"{tmp} yourself if no conversion is running")
+
+
+def _stale_partial_entries(tmp: Path) -> list[str] | None:
+    """None if ``tmp`` does not exist; else the entries of a partial pool left by an earlier
+    writer that may be removed: only a directory carrying PARTIAL_MARKER, holding nothing but
+    regular files a writer writes, whose writer is gone. Anything else is a PoolError, so
+    removing it can never delete what rayprune did not write."""
+    try:
+        mode = os.lstat(tmp).st_mode
+    except FileNotFoundError:
+        return None
+    try:
+        marker_mode = os.lstat(tmp / PARTIAL_MARKER).st_mode
+    except OSError:  # no marker, or tmp is not a directory
+        marker_mode = 0
+    if not stat.S_ISDIR(mode) or not stat.S_ISREG(marker_mode):
+        raise PoolError(f"{tmp} exists and was not made by rayprune (no {PARTIAL_MARKER} marker in it); refusing to "
+                        "remove it: move it away or choose another output directory")
+    _check_writer_gone(tmp)
+    entries = sorted(os.listdir(tmp))
+    for name in entries:
+        if not _writer_entry(name) or not stat.S_ISREG(os.lstat(tmp / name).st_mode):
+            raise PoolError(f"{tmp} holds {name!r}, which rayprune did not write there; refusing to remove it: "
+                            "move it away or choose another output directory")
+    return entries
+
+
+def _remove_written(directory: Path, names: list[str]) -> None:
+    """Unlink exactly ``names`` in ``directory`` (files rayprune wrote), then the directory if
+    that left it empty. Anything someone else put there stays, with a warning."""
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        logger.warning("left %s in place: it holds files rayprune did not write", directory)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; return those created, deepest first,
+    so that a failed write can remove exactly them again."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir()
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """``rmdir`` each directory (deepest first) if it is still empty."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 class PoolWriter:
     """Write validated batches as a pool, atomically; use as a context manager.
 
@@ -311,7 +410,10 @@ class PoolWriter:
         self.rows_per_file = rows_per_file
         self.class_names = list(class_names or [])
         self.overwrite = overwrite
-        self._tmp = self.out_dir.with_name(f".{self.out_dir.name}.partial")
+        self._tmp = _partial_dir(self.out_dir)
+        _stale_partial_entries(self._tmp)  # refuse early if it is not ours to remove
+        self._written: list[str] = []  # what this writer put into self._tmp, the only names it removes
+        self._made_parents: list[Path] = []
         self._seen_ids: list[tuple[np.ndarray, str, int]] = []
         self._sources: dict[str, int] = {}
         self._files: list[str] = []
@@ -320,19 +422,39 @@ class PoolWriter:
         self._rows = 0
 
     def __enter__(self) -> PoolWriter:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True)
+        stale = _stale_partial_entries(self._tmp)
+        if stale is not None:
+            logger.info("removing %s, an unfinished pool an earlier run left behind", self._tmp)
+            _remove_written(self._tmp, stale)
+        self._made_parents = _make_parents(self._tmp.parent)
+        try:
+            self._tmp.mkdir()  # fails if another writer took the name meanwhile: then it is not ours
+        except BaseException:
+            _remove_empty(self._made_parents)
+            raise
+        self._written = [PARTIAL_MARKER]
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "pool": self.out_dir.name}
+        try:
+            (self._tmp / PARTIAL_MARKER).write_text(json.dumps(marker))
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._discard()
             return
         try:
             self._finish()
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._discard()
             raise
+
+    def _discard(self) -> None:
+        """Remove what this writer wrote (and the parent directories it made), nothing else."""
+        _remove_written(self._tmp, self._written)
+        _remove_empty(self._made_parents)
 
     def add(self, ids, images, labels, sources, *, origin: str = "input", first_row: int = 0) -> None:
         """Validate and buffer one batch; rows are numbered from ``first_row`` in ``origin``."""
@@ -381,6 +503,7 @@ class PoolWriter:
         head, rest = table.slice(0, rows), table.slice(rows)
         name = f"part-{len(self._files):05d}.parquet"
         meta = {b"rayprune.image_shape": json.dumps(list(self.image_shape)).encode()}
+        self._written.append(name)
         pq.write_table(head.replace_schema_metadata(meta), self._tmp / name)
         self._files.append(name)
         self._rows += head.num_rows
@@ -410,7 +533,9 @@ class PoolWriter:
             num_rows=self._rows, image_shape=self.image_shape, num_classes=self.num_classes,
             sources=self._sources, files=self._files, class_names=self.class_names,
         )
+        self._written.append(POOL_META)
         write_pool_info(self._tmp, info)
+        (self._tmp / PARTIAL_MARKER).unlink()  # the finished pool holds only pool.json and its files
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self._tmp.rename(self.out_dir)
