@@ -12,9 +12,9 @@ import zipfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import tree_snapshot
 from PIL import Image
 
-from conftest import tree_snapshot
 from rayprune.data import converters
 from rayprune.data.convert_cli import main as cli_main
 from rayprune.data.converters import InputSpec, convert, read_npz
@@ -544,3 +544,132 @@ def test_a_one_class_pool_is_refused_before_writing(tmp_path):
 def test_images_with_more_channels_than_a_pool_allows_are_refused_before_writing(tmp_path):
     five = make_npz(tmp_path / "five.npz", np.zeros((4, 4, 4, 5), np.uint8), np.array([0, 1, 0, 1]))
     refused(tmp_path, [five, "4x4x5", "C (channels) in 1..4"], convert, [InputSpec("npz", five)], tmp_path / "out")
+
+
+def cli_refused(root, capsys, args, parts):
+    """``rayprune-convert args`` exits 2 with exactly one stderr line, ``rayprune-convert: error:``
+    naming every part, and ``root``'s tree is byte-identical afterwards."""
+    before = tree_snapshot(root)
+    code = cli_main([*args, "--log-level", "ERROR"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2, captured
+    assert len(lines) == 1 and lines[0].startswith("rayprune-convert: error: "), lines
+    for part in parts:
+        assert str(part) in lines[0], f"{part!r} not in {lines[0]!r}"
+    assert tree_snapshot(root) == before
+    return lines[0]
+
+
+def pool_with_npz(tmp_path, name="old"):
+    """A pool at tmp_path/pool converted from a fresh npz named ``name``; returns (pool, npz)."""
+    rng = np.random.default_rng(len(name))
+    npz = make_npz(tmp_path / f"{name}.npz", rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8), np.arange(5) % 3)
+    convert([InputSpec("npz", npz)], tmp_path / "pool", rows_per_file=2, overwrite=(tmp_path / "pool").exists())
+    return tmp_path / "pool", npz
+
+
+def test_overwrite_replaces_a_pool_with_the_new_one(tmp_path, capsys):
+    pool, _ = pool_with_npz(tmp_path)
+    new = make_npz(tmp_path / "new.npz", np.full((7, 4, 4, 3), 9, np.uint8), np.arange(7) % 2)
+    assert cli_main([str(pool), "--npz", str(new), "--overwrite", "--log-level", "ERROR"]) == 0
+    info, table, images = read_pool(pool)
+    assert info.num_rows == 7 and (images == 9).all()
+    assert sorted(os.listdir(pool)) == sorted(["pool.json", *info.files])
+    assert sorted(os.listdir(tmp_path)) == ["new.npz", "old.npz", "pool"]  # no .partial, no .replaced left
+
+
+def test_a_failed_overwrite_leaves_the_old_pool_intact(tmp_path, capsys):
+    pool, _ = pool_with_npz(tmp_path)
+    # image.npy promises 10 rows but holds 6: found only while rows are written
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10, 4, 4, 3)})
+    label = io.BytesIO()
+    np.save(label, np.arange(10) % 2)
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(short, "w") as zf:
+        zf.writestr("image.npy", buf.getvalue() + bytes(6 * 48))
+        zf.writestr("label.npy", label.getvalue())
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(short), "--overwrite", "--rows-per-file", "2"],
+                [short, "row 6", "truncated"])
+    zeros = make_npz(tmp_path / "zeros.npz", np.zeros((3, 4, 4, 3), np.uint8), np.zeros(3, np.int64))
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(zeros), "--overwrite"], [zeros, "at least 2 classes"])
+
+
+def foreign_entry(pool, kind):
+    """Put something rayprune did not write into ``pool``; return the name an error must give."""
+    listed = json.loads((pool / "pool.json").read_text())["files"]
+    if kind == "file":
+        (pool / "notes.txt").write_text("mine")
+        return "notes.txt"
+    if kind == "hidden":
+        (pool / ".DS_Store").write_bytes(b"\0\1")
+        return ".DS_Store"
+    if kind == "folder":
+        (pool / "plots").mkdir()
+        (pool / "plots" / "fig.png").write_bytes(b"png")
+        return "plots"
+    if kind == "unlisted-part":
+        (pool / "part-00099.parquet").write_bytes(b"an older file")
+        return "part-00099.parquet"
+    if kind == "fifo":
+        os.mkfifo(pool / "pipe")
+        return "pipe"
+    if kind == "listed-is-a-dir":
+        (pool / listed[0]).unlink()
+        (pool / listed[0]).mkdir()
+        (pool / listed[0] / "inside.txt").write_text("mine")
+        return f"{pool / listed[0]} is not a regular file (a directory)"
+    if kind == "listed-is-a-link":
+        (pool / listed[0]).unlink()
+        (pool / listed[0]).symlink_to(pool.parent / "old.npz")
+        return f"{pool / listed[0]} is not a regular file (a symbolic link)"
+    if kind == "bad-pool-json":
+        meta = json.loads((pool / "pool.json").read_text())
+        (pool / "pool.json").write_text(json.dumps({**meta, "num_classes": 0}))
+        return "num_classes must be an integer >= 2"
+    if kind == "no-pool-json":
+        (pool / "pool.json").unlink()
+        return f"not a pool (no pool.json; it holds {listed[0]!r})"
+    raise AssertionError(kind)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["file", "hidden", "folder", "unlisted-part", "fifo", "listed-is-a-dir",
+                                  "listed-is-a-link", "bad-pool-json", "no-pool-json"])
+def test_overwrite_refuses_a_directory_holding_more_than_its_pool(tmp_path, capsys, kind):
+    pool, _ = pool_with_npz(tmp_path)
+    name = foreign_entry(pool, kind)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")  # refused before any input is read: the error is about OUT_DIR
+    line = cli_refused(tmp_path, capsys, [str(pool), "--npz", str(garbage), "--overwrite"], [pool, name])
+    assert "garbage.npz" not in line
+    refused(tmp_path, [pool, name], convert, [InputSpec("npz", tmp_path / "old.npz")], pool, overwrite=True)
+
+
+def test_overwrite_refuses_a_link_a_file_and_leftover_siblings(tmp_path, capsys):
+    pool, npz = pool_with_npz(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(pool)
+    cli_refused(tmp_path, capsys, [str(link), "--npz", str(npz), "--overwrite"], [link, "is a symbolic link"])
+    (tmp_path / "afile").write_text("mine")
+    cli_refused(tmp_path, capsys, [str(tmp_path / "afile"), "--npz", str(npz), "--overwrite"],
+                [tmp_path / "afile", "not a directory (a regular file)"])
+    (tmp_path / ".pool.replaced").mkdir()
+    (tmp_path / ".pool.replaced" / "pool.json").write_text("{}")
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(npz), "--overwrite"], [tmp_path / ".pool.replaced"])
+    (tmp_path / ".pool.replaced" / "pool.json").unlink()
+    (tmp_path / ".pool.replaced").rmdir()
+    (tmp_path / ".pool.partial").mkdir()
+    (tmp_path / ".pool.partial" / "draft.txt").write_text("mine")
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(npz), "--overwrite"],
+                [tmp_path / ".pool.partial", "not made by rayprune"])
+
+
+def test_overwrite_of_an_empty_directory_and_without_the_flag(tmp_path, capsys):
+    _, npz = pool_with_npz(tmp_path)
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--npz", str(npz)], ["pool", "already exists",
+                                                                                "--overwrite"])
+    (tmp_path / "empty").mkdir()
+    assert cli_main([str(tmp_path / "empty"), "--npz", str(npz), "--overwrite", "--log-level", "ERROR"]) == 0
+    assert read_pool_info(tmp_path / "empty").num_rows == 5

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-
 from conftest import tree_snapshot
+
 from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
 from rayprune.data.pool import (
     PoolError,
@@ -368,3 +368,33 @@ def test_a_failed_write_removes_only_what_it_wrote(tmp_path, caplog):
     assert tree_snapshot(tmp_path) == {"new": "<dir>", "new/deeper": "<dir>", "new/deeper/.pool.partial": "<dir>",
                                        "new/deeper/.pool.partial/mine.txt": b"someone else's"}
     assert "rayprune did not write" in caplog.text
+
+
+# ----------------------------------------------------------------------------- overwrite
+
+
+def test_overwrite_replaces_only_a_pool_and_rechecks_it_before_the_swap(tmp_path):
+    out = tmp_path / "pool"
+    write_small(out)
+    before = tree_snapshot(tmp_path)
+    (out / "results.csv").write_text("mine")
+    expect_refused(tmp_path, [out, "holds 'results.csv'", "does not list"], PoolWriter, out, image_shape=(4, 5, 3),
+                   num_classes=3, overwrite=True)
+    (out / "results.csv").unlink()
+    # a file that appears in the old pool while the new one is written stops the swap
+    with pytest.raises(PoolError, match="holds 'late.txt'"):
+        with PoolWriter(out, image_shape=(4, 5, 3), num_classes=3, overwrite=True) as w:
+            w.add(np.arange(2), images(2), np.array([0, 1]), "synthetic")
+            (out / "late.txt").write_text("mine")
+    (out / "late.txt").unlink()
+    assert tree_snapshot(tmp_path) == before  # the old pool as it was, no temporary directory left
+    info = write_small(out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["pool"] and sorted(os.listdir(out)) == sorted(["pool.json", *info.files])
+
+
+@pytest.mark.parametrize("name", ["", ".", ".."])
+def test_the_output_must_name_a_directory(tmp_path, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_small(tmp_path / "pool")
+    expect_refused(tmp_path, ["does not name a new directory"], PoolWriter, name, image_shape=(4, 5, 3),
+                   num_classes=3, overwrite=True)

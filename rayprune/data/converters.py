@@ -41,11 +41,11 @@ import numpy as np
 
 from rayprune.data.pool import (
     MIN_CLASSES,
-    POOL_META,
     WHY_TWO_CLASSES,
     PoolError,
     PoolInfo,
     PoolWriter,
+    check_output_dir,
     image_shape_problem,
     read_pool_info,
 )
@@ -622,18 +622,14 @@ def read_input(spec: InputSpec) -> Iterator[Batch]:
 
 
 def _check_out_dir(out_dir: Path, inputs: list[InputSpec], overwrite: bool) -> None:
+    """Before any input is read: no input inside the output directory (which overwriting
+    would replace), and an output directory the writer may use (``check_output_dir``)."""
     out = out_dir.resolve()
     for spec in inputs:
         src = spec.path.resolve()
         if src == out or out in src.parents:
             raise PoolError(f"{spec.describe()} lies inside the output directory {out_dir}; choose another output")
-    if out_dir.exists():
-        if not overwrite:
-            raise PoolError(f"{out_dir} already exists; choose a new directory or pass overwrite (--overwrite)")
-        if not out_dir.is_dir():
-            raise PoolError(f"{out_dir} exists and is not a directory; refusing to replace it")
-        if not (out_dir / POOL_META).is_file() and any(out_dir.iterdir()):
-            raise PoolError(f"{out_dir} exists and is not a pool (no {POOL_META}); refusing to replace it")
+    check_output_dir(out_dir, overwrite)
 
 
 def _check_pool_shape_and_classes(infos: list[InputInfo], num_classes: int) -> None:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import stat
 from dataclasses import asdict, dataclass, field
@@ -288,6 +287,82 @@ def _partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.partial")
 
 
+def _replaced_dir(out_dir: Path) -> Path:
+    """Where the old pool waits while the new one is renamed to ``out_dir`` (overwrite)."""
+    return out_dir.with_name(f".{out_dir.name}.replaced")
+
+
+def _lstat_mode(path: Path) -> int | None:
+    """``st_mode`` of ``path`` itself (a link is not followed); None if nothing is there."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+
+
+def replaceable_entries(out_dir: Path) -> list[str]:
+    """The entries of the existing directory ``out_dir`` that replacing it removes: its
+    pool.json and the files that lists ([] for an empty directory).
+
+    Anything else makes it a PoolError naming one such entry: a directory without a valid
+    pool.json, any file or folder (hidden ones too) its pool.json does not list, a listed
+    name that is not a regular file, a symbolic link in place of the directory. Overwriting
+    thus never deletes a file rayprune did not write.
+    """
+    mode = _lstat_mode(out_dir)
+    if mode is None:
+        return []
+    if stat.S_ISLNK(mode):
+        raise PoolError(f"{out_dir} is a symbolic link; refusing to replace it (name the directory itself, or a new one)")
+    if not stat.S_ISDIR(mode):
+        raise PoolError(f"{out_dir} exists and is not a directory ({file_kind(mode)}); refusing to replace it")
+    try:
+        entries = sorted(os.listdir(out_dir))
+    except OSError as exc:
+        raise PoolError(f"{out_dir} cannot be listed ({one_line(exc.strerror or exc)}); refusing to replace it") from None
+    if not entries:
+        return []
+    if POOL_META not in entries:
+        raise PoolError(f"{out_dir} exists and is not a pool (no {POOL_META}; it holds {entries[0]!r}); refusing to "
+                        "replace it: overwriting replaces only a pool rayprune wrote. Choose another output directory")
+    try:
+        info = read_pool_info(out_dir)
+    except PoolError as exc:
+        raise PoolError(f"{out_dir} cannot be replaced: its {POOL_META} does not describe a pool ({exc}); move it "
+                        "away or choose another output directory") from None
+    listed = {POOL_META, *info.files}
+    foreign = [name for name in entries if name not in listed]
+    if foreign:
+        raise PoolError(f"{out_dir} holds {foreign[0]!r}, which its {POOL_META} does not list ({len(foreign)} such "
+                        f"entr{'y' if len(foreign) == 1 else 'ies'}); overwriting removes only a pool's own files: "
+                        f"move {foreign[0]!r} out of {out_dir} or choose another output directory")
+    for name in entries:
+        mode = os.lstat(out_dir / name).st_mode
+        if not stat.S_ISREG(mode):
+            raise PoolError(f"{out_dir / name} is not a regular file ({file_kind(mode)}); rayprune writes only regular "
+                            f"files, so refusing to replace {out_dir}")
+    return entries
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory a PoolWriter may not use, before anything is read or
+    written: one without a name, an existing one without ``overwrite`` or one overwriting may
+    not replace (:func:`replaceable_entries`), and temporary siblings that are not ours."""
+    if out_dir.name in ("", ".", ".."):
+        raise PoolError(f"the output directory {str(out_dir)!r} does not name a new directory; give a path ending in "
+                        "the pool directory's name")
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise PoolError(f"{out_dir} already exists; choose a new directory or pass overwrite (--overwrite) to "
+                            "replace a pool there")
+        replaceable_entries(out_dir)
+    _stale_partial_entries(_partial_dir(out_dir))
+    replaced = _replaced_dir(out_dir)
+    if os.path.lexists(replaced):
+        raise PoolError(f"{replaced} exists (left by an interrupted overwrite?); check what it holds and move it away "
+                        "before writing a pool there")
+
+
 def _writer_entry(name: str) -> bool:
     """Whether ``name`` is something a PoolWriter writes into its temporary directory."""
     return name in (PARTIAL_MARKER, POOL_META) or bool(_WRITER_FILE.fullmatch(name))
@@ -396,8 +471,6 @@ class PoolWriter:
         overwrite: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise PoolError(f"{self.out_dir} already exists; choose a new directory or pass overwrite")
         if not _is_int(num_classes) or num_classes < MIN_CLASSES:
             raise PoolError(f"num_classes must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); got {num_classes!r}")
         problem = image_shape_problem(tuple(image_shape))
@@ -410,8 +483,8 @@ class PoolWriter:
         self.rows_per_file = rows_per_file
         self.class_names = list(class_names or [])
         self.overwrite = overwrite
+        check_output_dir(self.out_dir, overwrite)
         self._tmp = _partial_dir(self.out_dir)
-        _stale_partial_entries(self._tmp)  # refuse early if it is not ours to remove
         self._written: list[str] = []  # what this writer put into self._tmp, the only names it removes
         self._made_parents: list[Path] = []
         self._seen_ids: list[tuple[np.ndarray, str, int]] = []
@@ -510,6 +583,27 @@ class PoolWriter:
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
 
+    def _swap_in(self) -> None:
+        """Rename the finished pool to ``out_dir``. An old pool there (overwrite) is checked
+        again, set aside, replaced, and only then are its pool.json and listed files
+        removed: a failure up to the swap leaves the old pool as it was."""
+        if not os.path.lexists(self.out_dir):
+            os.rename(self._tmp, self.out_dir)
+            return
+        if not self.overwrite:
+            raise PoolError(f"{self.out_dir} appeared while the pool was being written; it was left as it is")
+        old_entries = replaceable_entries(self.out_dir)
+        replaced = _replaced_dir(self.out_dir)
+        if os.path.lexists(replaced):
+            raise PoolError(f"{replaced} exists; move it away and convert again")
+        os.rename(self.out_dir, replaced)
+        try:
+            os.rename(self._tmp, self.out_dir)
+        except BaseException:
+            os.rename(replaced, self.out_dir)
+            raise
+        _remove_written(replaced, old_entries)
+
     def _check_ids_unique_across_batches(self) -> None:
         """One sort over all ids at the end (O(N log N)); names the second occurrence."""
         all_ids = np.concatenate([ids for ids, _, _ in self._seen_ids])
@@ -536,9 +630,7 @@ class PoolWriter:
         self._written.append(POOL_META)
         write_pool_info(self._tmp, info)
         (self._tmp / PARTIAL_MARKER).unlink()  # the finished pool holds only pool.json and its files
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self._tmp.rename(self.out_dir)
+        self._swap_in()
         logger.info("wrote pool %s: %d rows in %d file(s), sources %s", self.out_dir, self._rows, len(self._files), self._sources)
 
 
