@@ -673,3 +673,78 @@ def test_overwrite_of_an_empty_directory_and_without_the_flag(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_main([str(tmp_path / "empty"), "--npz", str(npz), "--overwrite", "--log-level", "ERROR"]) == 0
     assert read_pool_info(tmp_path / "empty").num_rows == 5
+
+
+# ----------------------------------------------------------------------------- inputs and output apart, empty paths
+
+
+def test_the_output_may_not_be_or_sit_inside_an_input(tmp_path, capsys):
+    rng = np.random.default_rng(21)
+    write_folder(tmp_path / "images", rng, per_class=(1, 1, 1))
+    cifar, _ = write_cifar_py(tmp_path / "c", rng)
+    npz = good_npz(tmp_path)
+    (tmp_path / "link-to-images").symlink_to(tmp_path / "images")
+    for out, args, parts in [
+        (tmp_path / "images" / "pool", ["--folder", tmp_path / "images"], ["lies inside the folder input"]),
+        (tmp_path / "link-to-images" / "new", ["--folder", tmp_path / "images"], ["lies inside the folder input"]),
+        (cifar / "pool", ["--cifar10", cifar.parent], ["lies inside the cifar10 input"]),
+        (npz, ["--npz", npz], ["is the npz input"]),
+        (tmp_path / "images", ["--folder", tmp_path / "link-to-images"], ["is the folder input"]),
+    ]:
+        for overwrite in ([], ["--overwrite"]):
+            cli_refused(tmp_path, capsys, [str(out), *map(str, args), *overwrite], [out, *parts])
+
+
+def test_no_input_may_sit_inside_the_output_it_would_replace(tmp_path, capsys):
+    pool, npz = pool_with_npz(tmp_path)
+    inside = pool / "part-00000.parquet"
+    (tmp_path / "link.npz").symlink_to(inside)  # an input reached through a link into OUT_DIR
+    for given in (inside, tmp_path / "link.npz"):
+        cli_refused(tmp_path, capsys, [str(pool), "--npz", str(given), "--overwrite"],
+                    [given, "lies inside the output directory", pool])
+
+
+# ----------------------------------------------------------------------------- inputs that are not regular files
+
+
+@pytest.mark.timeout(60)
+def test_npz_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.npz")
+    (tmp_path / "dir.npz").mkdir()
+    for given, parts in [(tmp_path / "pipe.npz", ["is not a regular file (a FIFO)", "expected an .npz file"]),
+                         (tmp_path / "dir.npz", ["is not a regular file (a directory)", "expected an .npz file"]),
+                         (tmp_path / "absent.npz", ["no such file", "expected an .npz file"])]:
+        cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--npz", str(given)], [given, *parts])
+        refused(tmp_path, [given, *parts], convert, [InputSpec("npz", given)], tmp_path / "pool")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("version", ["py", "bin"])
+def test_cifar10_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys, version):
+    py_dir, batches = write_cifar_py(tmp_path / "py", np.random.default_rng(22))
+    d = py_dir if version == "py" else write_cifar_bin(tmp_path / "bin", batches)
+    suffix = "" if version == "py" else ".bin"
+    out = str(tmp_path / "pool")
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d / f"data_batch_1{suffix}")],
+                [d / f"data_batch_1{suffix}", "not a directory (it is a regular file"])
+    batch = d / f"data_batch_3{suffix}"
+    batch.unlink()
+    os.mkfifo(batch)
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d)], [batch, "is not a regular file (a FIFO)"])
+    batch.unlink()
+    batch.write_bytes((d / f"data_batch_1{suffix}").read_bytes())
+    meta = d / ("batches.meta" if version == "py" else "batches.meta.txt")
+    meta.unlink()
+    os.mkfifo(meta)
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d)], [meta, "is not a regular file (a FIFO)"])
+
+
+@pytest.mark.timeout(60)
+def test_folder_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root, np.random.default_rng(23), per_class=(1, 1, 1))
+    os.mkfifo(root / "dog" / "001.png")
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--folder", str(root)],
+                [root / "dog" / "001.png", "is not a regular file (a FIFO)"])
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--folder", str(root / "cat" / "000.png")],
+                [root / "cat" / "000.png", "not a directory (it is a regular file"])

@@ -29,6 +29,7 @@ import codecs
 import logging
 import os
 import pickle
+import stat
 import sys
 import zipfile
 import zlib
@@ -41,12 +42,15 @@ import numpy as np
 
 from rayprune.data.pool import (
     MIN_CLASSES,
+    MISSING,
     WHY_TWO_CLASSES,
     PoolError,
     PoolInfo,
     PoolWriter,
     check_output_dir,
+    file_kind,
     image_shape_problem,
+    local_file_problem,
     read_pool_info,
 )
 
@@ -55,6 +59,11 @@ logger = logging.getLogger(__name__)
 KINDS = ("cifar10", "npz", "folder")
 DEFAULT_SOURCES = {"cifar10": "real", "npz": "synthetic", "folder": "real"}
 SPLITS = ("train", "test")
+EXPECTED_INPUT = {
+    "cifar10": "a CIFAR-10 directory (cifar-10-batches-py or cifar-10-batches-bin, or their parent)",
+    "npz": "an .npz file",
+    "folder": "an image folder with one subfolder per class",
+}
 
 CIFAR10_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = 10
@@ -91,6 +100,8 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PoolError(f"unknown input kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if isinstance(self.path, str) and not self.path:  # Path("") would mean the current directory
+            raise PoolError(f"the path of the {self.kind} input is empty; give {EXPECTED_INPUT[self.kind]}")
         object.__setattr__(self, "path", Path(self.path))
         if self.split not in SPLITS:
             raise PoolError(f"unknown split {self.split!r} for {self.path}; allowed: {', '.join(SPLITS)}")
@@ -157,6 +168,27 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, origin, first_row
 
 def _shape_str(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
+
+
+def _dir_problem(path: Path) -> str | None:
+    """None if ``path`` is a directory (links followed), else what it is instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "it does not exist"
+    except OSError as exc:
+        return f"it cannot be examined: {exc.strerror or exc}"
+    return None if stat.S_ISDIR(mode) else f"it is {file_kind(mode)}"
+
+
+def _check_regular(path: Path, expected: str) -> None:
+    """``path`` must be a regular file; checked with ``os.stat`` so that a FIFO is never
+    opened (reading one blocks) and a directory or device gets its own message."""
+    problem = local_file_problem(path)
+    if problem == MISSING:
+        raise PoolError(f"{path}: no such file (expected {expected})")
+    if problem:
+        raise PoolError(f"{path} {problem}; expected {expected}")
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -245,17 +277,22 @@ def _find_cifar10(path: Path, split: str) -> tuple[str, list[Path]]:
     """("py" | "bin", batch files of ``split``) for a CIFAR-10 directory or its parent."""
     if split not in SPLITS:
         raise PoolError(f"unknown CIFAR-10 split {split!r}; allowed: {', '.join(SPLITS)}")
-    if not path.is_dir():
-        raise PoolError(f"{path}: not a directory (expected cifar-10-batches-py or cifar-10-batches-bin)")
+    problem = _dir_problem(path)
+    if problem:
+        raise PoolError(f"{path}: not a directory ({problem}; expected cifar-10-batches-py or cifar-10-batches-bin, "
+                        "or their parent)")
     names = CIFAR10_BATCHES[split]
     for directory in [path, *(path / d for d in CIFAR10_DIRS)]:
         for fmt, suffix in (("py", ""), ("bin", ".bin")):
             files = [directory / (n + suffix) for n in names]
-            present = [f for f in files if f.is_file()]
-            if len(present) == len(files):
+            problems = [local_file_problem(f) for f in files]
+            for file, problem in zip(files, problems):
+                if problem not in (None, MISSING):
+                    raise PoolError(f"{file} {problem}; a CIFAR-10 batch is a regular file")
+            if MISSING not in problems:
                 return fmt, files
-            if present:
-                missing = ", ".join(f.name for f in files if not f.is_file())
+            if any(problem is None for problem in problems):
+                missing = ", ".join(f.name for f, problem in zip(files, problems) if problem == MISSING)
                 raise PoolError(f"{directory}: incomplete CIFAR-10 {split} split: missing {missing}")
     expected = ", ".join(names)
     raise PoolError(
@@ -274,17 +311,17 @@ def cifar10_class_names(path: str | Path, split: str = "train") -> list[str]:
 
 def _class_names_in(directory: Path, fmt: str) -> list[str]:
     """The class names stored in the CIFAR-10 ``directory`` of format ``fmt``; [] if absent."""
+    meta = directory / ("batches.meta" if fmt == "py" else "batches.meta.txt")
+    problem = local_file_problem(meta)
+    if problem == MISSING:
+        return []
+    if problem:
+        raise PoolError(f"{meta} {problem}; it should hold the CIFAR-10 class names (or be absent)")
     if fmt == "py":
-        meta = directory / "batches.meta"
-        if not meta.is_file():
-            return []
         names = _entry(_load_pickle(meta), "label_names", meta)
         if not isinstance(names, list):
             raise PoolError(f"{meta}: label_names must be a list; got {type(names).__name__}")
         return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
-    meta = directory / "batches.meta.txt"
-    if not meta.is_file():
-        return []
     try:
         return [line.strip() for line in meta.read_text(errors="replace").splitlines() if line.strip()]
     except OSError as exc:
@@ -451,6 +488,7 @@ def scan_npz(path: str | Path, num_classes: int | None = None) -> tuple[tuple[in
     ``num_classes`` is given, below it.
     """
     path = Path(path)
+    _check_regular(path, EXPECTED_INPUT["npz"])
     with _npz_errors(path):
         with ExitStack() as stack:
             reader = _NpzReader(stack.enter_context(zipfile.ZipFile(path)), path, stack)
@@ -470,6 +508,7 @@ def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Ba
     deflated); the arrays are never loaded whole and pickle is never used.
     """
     path = Path(path)
+    _check_regular(path, EXPECTED_INPUT["npz"])
     logger.info("reading %s", path)
     with _npz_errors(path):
         with ExitStack() as stack:
@@ -488,8 +527,9 @@ def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Ba
 
 
 def _folder_listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    if not root.is_dir():
-        raise PoolError(f"{root}: not a directory (expected one subfolder of images per class)")
+    problem = _dir_problem(root)
+    if problem:
+        raise PoolError(f"{root}: not a directory ({problem}; expected one subfolder of images per class)")
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
@@ -510,6 +550,7 @@ def _folder_listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                 if filename.startswith("."):
                     continue
                 if Path(filename).suffix.lower() in IMAGE_EXTENSIONS:
+                    _check_regular(Path(dirpath) / filename, "a regular image file")
                     files.append((Path(dirpath) / filename, label))
                     count += 1
                 else:
@@ -621,14 +662,28 @@ def read_input(spec: InputSpec) -> Iterator[Batch]:
     return read_folder(spec.path)
 
 
+def _resolved(path: Path, what: str) -> Path:
+    """``path`` with symbolic links and ``..`` resolved, to compare locations."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise PoolError(f"{what} {path} cannot be resolved ({_one_line(exc)})") from None
+
+
 def _check_out_dir(out_dir: Path, inputs: list[InputSpec], overwrite: bool) -> None:
-    """Before any input is read: no input inside the output directory (which overwriting
-    would replace), and an output directory the writer may use (``check_output_dir``)."""
-    out = out_dir.resolve()
+    """Before any input is read: the output directory is none of the inputs, lies inside
+    none of them (writing would change an input) and holds none of them (overwriting would
+    replace it), all after resolving links; and the writer may use it (``check_output_dir``)."""
+    out = _resolved(out_dir, "the output directory")
     for spec in inputs:
-        src = spec.path.resolve()
-        if src == out or out in src.parents:
+        src = _resolved(spec.path, f"the {spec.kind} input")
+        if src == out:
+            raise PoolError(f"the output directory {out_dir} is the {spec.describe()}; choose another output directory")
+        if out in src.parents:
             raise PoolError(f"{spec.describe()} lies inside the output directory {out_dir}; choose another output")
+        if src in out.parents:
+            raise PoolError(f"the output directory {out_dir} lies inside the {spec.describe()}; writing there would "
+                            "change an input: choose an output directory outside it")
     check_output_dir(out_dir, overwrite)
 
 
