@@ -678,6 +678,18 @@ def test_overwrite_of_an_empty_directory_and_without_the_flag(tmp_path, capsys):
 # ----------------------------------------------------------------------------- inputs and output apart, empty paths
 
 
+@pytest.mark.parametrize("option", ["OUT_DIR", "--cifar10", "--npz", "--folder"])
+def test_an_empty_path_is_refused_naming_the_option(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)  # "" would otherwise mean this directory
+    npz = good_npz(tmp_path)
+    args = {"OUT_DIR": ["", "--npz", str(npz)], "--cifar10": ["pool", "--cifar10", ""],
+            "--npz": ["pool", "--npz", str(npz), ""], "--folder": ["pool", "--folder", ""]}[option]
+    cli_refused(tmp_path, capsys, [*args, "--overwrite"], [f"{option} is an empty path; give "])
+    if option != "OUT_DIR":
+        kind = option.removeprefix("--")
+        refused(tmp_path, [f"the path of the {kind} input is empty"], InputSpec, kind, "")
+
+
 def test_the_output_may_not_be_or_sit_inside_an_input(tmp_path, capsys):
     rng = np.random.default_rng(21)
     write_folder(tmp_path / "images", rng, per_class=(1, 1, 1))
@@ -748,3 +760,15 @@ def test_folder_inputs_that_are_not_regular_files_are_named_never_opened(tmp_pat
                 [root / "dog" / "001.png", "is not a regular file (a FIFO)"])
     cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--folder", str(root / "cat" / "000.png")],
                 [root / "cat" / "000.png", "not a directory (it is a regular file"])
+
+
+def test_class_and_file_counts_are_checked_up_front_naming_the_option(tmp_path, capsys):
+    npz = good_npz(tmp_path)
+    out = str(tmp_path / "pool")
+    for value in ("1", "0", "-4"):
+        cli_refused(tmp_path, capsys, [out, "--npz", str(npz), "--num-classes", value],
+                    ["--num-classes must be >= 2", "at least 2 classes", f"got {value}"])
+    cli_refused(tmp_path, capsys, [out, "--npz", str(npz), "--rows-per-file", "0"], ["--rows-per-file must be >= 1"])
+    write_folder(tmp_path / "one", np.random.default_rng(24), classes=("cat",), per_class=(2,))
+    cli_refused(tmp_path, capsys, [out, "--folder", str(tmp_path / "one")],
+                [tmp_path / "one", "has 1 class (cat)", "at least 2 classes", "--num-classes"])
