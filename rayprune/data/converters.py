@@ -20,7 +20,9 @@ Every reader yields validated :class:`Batch` es. :func:`convert` first checks wh
 cheap to check (CIFAR-10 files present, .npz headers and every label, every folder image
 header and size, one image shape across inputs), then streams the inputs through a
 ``PoolWriter`` with ids ``0..N-1`` in input order. Every problem is a one-line ``PoolError`` naming the
-file (and the row within it where there is one); a failed conversion leaves no output.
+file (and the row within it where there is one); a failed conversion leaves the output
+directory as it was. Inputs are checked with ``os.stat`` before they are opened, so a
+FIFO where a file belongs is named instead of blocking the converter.
 """
 
 from __future__ import annotations
@@ -721,8 +723,9 @@ def convert(
     """Convert ``inputs`` (in order) into one pool at ``out_dir``; ids are 0..N-1 in order.
 
     All inputs are checked first (shapes must agree; labels, headers and image sizes are
-    validated); ``num_classes`` of the pool is the largest over the inputs. Nothing is
-    left at ``out_dir`` if anything fails.
+    validated); ``num_classes`` of the pool is the largest over the inputs (at least 2). If
+    anything fails, ``out_dir`` is left as it was: absent, or the old pool when
+    ``overwrite`` replaces one (see ``pool.replaceable_entries``).
     """
     from tqdm.auto import tqdm
 

@@ -15,7 +15,9 @@ nodes; plain pyarrow, pandas and Spark read it too (``image`` is a plain binary 
 ``PoolWriter`` validates every batch (dtype, shape, label range, duplicate ids) with
 errors that name the input and row, and writes into a temporary directory that is
 renamed into place only when complete, so a failed conversion leaves nothing that looks
-like a pool.
+like a pool. It deletes only what rayprune wrote: its temporary directory carries a
+marker and loses only the files the writer put there, and overwriting an existing pool
+removes that pool's ``pool.json`` and listed files, never anything else in the directory.
 """
 
 from __future__ import annotations
