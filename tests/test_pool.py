@@ -398,3 +398,9 @@ def test_the_output_must_name_a_directory(tmp_path, name, monkeypatch):
     write_small(tmp_path / "pool")
     expect_refused(tmp_path, ["does not name a new directory"], PoolWriter, name, image_shape=(4, 5, 3),
                    num_classes=3, overwrite=True)
+
+
+def test_the_output_cannot_be_created_under_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    expect_refused(tmp_path, [tmp_path / "notes.txt", "is not a directory (a regular file)", "cannot be created"],
+                   write_small, tmp_path / "notes.txt" / "sub" / "pool")

@@ -346,6 +346,21 @@ def replaceable_entries(out_dir: Path) -> list[str]:
     return entries
 
 
+def _check_ancestor(out_dir: Path) -> None:
+    """The nearest existing ancestor of ``out_dir`` must be a directory to create it under."""
+    ancestor = out_dir.absolute().parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    try:
+        mode = os.stat(ancestor).st_mode
+    except OSError as exc:  # a dangling link, no permission
+        raise PoolError(f"{ancestor} cannot be examined ({one_line(exc.strerror or exc)}); the output directory "
+                        f"{out_dir} cannot be created under it") from None
+    if not stat.S_ISDIR(mode):
+        raise PoolError(f"{ancestor} is not a directory ({file_kind(mode)}); the output directory {out_dir} cannot "
+                        "be created under it")
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse an output directory a PoolWriter may not use, before anything is read or
     written: one without a name, an existing one without ``overwrite`` or one overwriting may
@@ -353,6 +368,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.name in ("", ".", ".."):
         raise PoolError(f"the output directory {str(out_dir)!r} does not name a new directory; give a path ending in "
                         "the pool directory's name")
+    _check_ancestor(out_dir)
     if os.path.lexists(out_dir):
         if not overwrite:
             raise PoolError(f"{out_dir} already exists; choose a new directory or pass overwrite (--overwrite) to "
@@ -441,9 +457,15 @@ def _make_parents(directory: Path) -> list[Path]:
     while not os.path.lexists(directory):
         missing.append(directory)
         directory = directory.parent
-    for d in reversed(missing):
-        d.mkdir()
-    return missing
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.insert(0, d)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    return made
 
 
 def _remove_empty(directories: list[Path]) -> None:
