@@ -573,7 +573,7 @@ def test_overwrite_replaces_a_pool_with_the_new_one(tmp_path, capsys):
     pool, _ = pool_with_npz(tmp_path)
     new = make_npz(tmp_path / "new.npz", np.full((7, 4, 4, 3), 9, np.uint8), np.arange(7) % 2)
     assert cli_main([str(pool), "--npz", str(new), "--overwrite", "--log-level", "ERROR"]) == 0
-    info, table, images = read_pool(pool)
+    info, _, images = read_pool(pool)
     assert info.num_rows == 7 and (images == 9).all()
     assert sorted(os.listdir(pool)) == sorted(["pool.json", *info.files])
     assert sorted(os.listdir(tmp_path)) == ["new.npz", "old.npz", "pool"]  # no .partial, no .replaced left
@@ -708,7 +708,7 @@ def test_the_output_may_not_be_or_sit_inside_an_input(tmp_path, capsys):
 
 
 def test_no_input_may_sit_inside_the_output_it_would_replace(tmp_path, capsys):
-    pool, npz = pool_with_npz(tmp_path)
+    pool, _ = pool_with_npz(tmp_path)
     inside = pool / "part-00000.parquet"
     (tmp_path / "link.npz").symlink_to(inside)  # an input reached through a link into OUT_DIR
     for given in (inside, tmp_path / "link.npz"):

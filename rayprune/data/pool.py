@@ -183,7 +183,8 @@ def _files_field(meta: str, data: dict) -> list[str]:
 
 def _class_names_field(meta: str, data: dict, num_classes: int) -> list[str]:
     names = data.get("class_names", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) not in (0, num_classes):
+    strings = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    if not strings or len(names) not in (0, num_classes):
         raise _meta_error(meta, "class_names", f"a list of {num_classes} strings (one per class) or empty", names)
     return list(names)
 
