@@ -148,3 +148,29 @@ def fit_small_cnn(sampler, n_samples: int, steps: int):
         opt.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def tree_snapshot(root: Path) -> dict[str, object]:
+    """{path relative to ``root``: content} of everything under ``root``, hidden entries included.
+
+    Regular files map to their bytes, directories to "<dir>", symbolic links to their target and
+    anything else (FIFOs, sockets, devices) to its kind; non-regular files are never opened, so a
+    FIFO cannot block. Comparing two snapshots shows any file changed, removed or left behind.
+    """
+    import stat
+
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            mode = os.lstat(path).st_mode
+            key = str(path.relative_to(root))
+            if stat.S_ISREG(mode):
+                out[key] = path.read_bytes()
+            elif stat.S_ISDIR(mode):
+                out[key] = "<dir>"
+            elif stat.S_ISLNK(mode):
+                out[key] = f"<link to {os.readlink(path)}>"
+            else:
+                out[key] = f"<special {stat.S_IFMT(mode):o}>"
+    return out

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import tracemalloc
 import zipfile
@@ -11,6 +12,7 @@ import zipfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import tree_snapshot
 from PIL import Image
 
 from rayprune.data import converters
@@ -173,6 +175,29 @@ def test_cifar10_test_split_and_binary_version_match(tmp_path):
         assert info_bin.class_names == CIFAR_NAMES
 
 
+@pytest.mark.parametrize("version", ["py", "bin"])
+def test_cifar10_split_needs_only_its_own_batches(tmp_path, version):
+    """A train directory without test_batch(.bin), or a test directory without the data
+    batches, converts; class names still come from batches.meta(.txt)."""
+    rng = np.random.default_rng(14)
+    py_dir, batches = write_cifar_py(tmp_path / "py", rng)
+    full = py_dir if version == "py" else write_cifar_bin(tmp_path / "bin", batches)
+    suffix = "" if version == "py" else ".bin"
+    for split, names, absent in (("train", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+                                 ("test", ["test_batch"], [f"data_batch_{i}" for i in range(1, 6)])):
+        d = tmp_path / f"{split}-only" / full.name
+        shutil.copytree(full, d)
+        for name in absent:
+            (d / f"{name}{suffix}").unlink()
+        before = tree_snapshot(d.parent)
+        info = convert([InputSpec("cifar10", d, split=split)], tmp_path / f"pool-{split}")
+        assert tree_snapshot(d.parent) == before
+        _, table, images = read_pool(tmp_path / f"pool-{split}")
+        np.testing.assert_array_equal(images, planar_to_hwc(np.concatenate([batches[n][0] for n in names])))
+        np.testing.assert_array_equal(table.column("label").to_numpy(), np.concatenate([batches[n][1] for n in names]))
+        assert info.class_names == CIFAR_NAMES and info.num_classes == 10
+
+
 def test_python2_style_cifar_pickle_loads(tmp_path):
     rng = np.random.default_rng(2)
     d = tmp_path / "cifar-10-batches-py"
@@ -302,7 +327,7 @@ def test_npy_shorter_than_its_header(tmp_path):
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10, 2, 2, 3)})
     image = buf.getvalue() + bytes(6 * 12)
     label = io.BytesIO()
-    np.save(label, np.zeros(10, np.int64))
+    np.save(label, np.arange(10) % 2)  # two classes: a pool needs at least 2
     path = tmp_path / "short.npz"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("image.npy", image)
@@ -488,3 +513,262 @@ def test_cli_needs_an_input_and_has_help(tmp_path, capsys):
     text = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "pool.json" in text and "Nothing is downloaded" in text and "--cifar10" in text
+
+
+# ----------------------------------------------------------------------------- data safety
+
+
+def refused(root, parts, fn, *args, **kwargs):
+    """``fn`` raises one one-line PoolError naming every part; ``root``'s tree is byte-identical
+    afterwards (no user file changed or removed, nothing left behind)."""
+    before = tree_snapshot(root)
+    msg = expect_error(parts, fn, *args, **kwargs)
+    assert tree_snapshot(root) == before
+    return msg
+
+
+def test_a_one_class_pool_is_refused_before_writing(tmp_path):
+    rng = np.random.default_rng(20)
+    write_folder(tmp_path / "one", rng, classes=("cat",), per_class=(3,))
+    refused(tmp_path, [tmp_path / "one", "has 1 class (cat)", "at least 2 classes", "--num-classes"],
+            convert, [InputSpec("folder", tmp_path / "one")], tmp_path / "out")
+    zeros = make_npz(tmp_path / "zeros.npz", np.zeros((4, 4, 4, 3), np.uint8), np.zeros(4, np.int64))
+    refused(tmp_path, [zeros, "has 1 class", "at least 2 classes"], convert, [InputSpec("npz", zeros)],
+            tmp_path / "out")
+    refused(tmp_path, [zeros, "num_classes", "integer >= 2", "got 1"], InputSpec, "npz", zeros, num_classes=1)
+    # declaring the classes the labels do not show is the way out
+    assert convert([InputSpec("npz", zeros, num_classes=2)], tmp_path / "out").num_classes == 2
+    assert read_pool_info(tmp_path / "out").num_classes == 2
+
+
+def test_images_with_more_channels_than_a_pool_allows_are_refused_before_writing(tmp_path):
+    five = make_npz(tmp_path / "five.npz", np.zeros((4, 4, 4, 5), np.uint8), np.array([0, 1, 0, 1]))
+    refused(tmp_path, [five, "4x4x5", "C (channels) in 1..4"], convert, [InputSpec("npz", five)], tmp_path / "out")
+
+
+def cli_refused(root, capsys, args, parts):
+    """``rayprune-convert args`` exits 2 with exactly one stderr line, ``rayprune-convert: error:``
+    naming every part, and ``root``'s tree is byte-identical afterwards."""
+    before = tree_snapshot(root)
+    code = cli_main([*args, "--log-level", "ERROR"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2, captured
+    assert len(lines) == 1 and lines[0].startswith("rayprune-convert: error: "), lines
+    for part in parts:
+        assert str(part) in lines[0], f"{part!r} not in {lines[0]!r}"
+    assert tree_snapshot(root) == before
+    return lines[0]
+
+
+def pool_with_npz(tmp_path, name="old"):
+    """A pool at tmp_path/pool converted from a fresh npz named ``name``; returns (pool, npz)."""
+    rng = np.random.default_rng(len(name))
+    npz = make_npz(tmp_path / f"{name}.npz", rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8), np.arange(5) % 3)
+    convert([InputSpec("npz", npz)], tmp_path / "pool", rows_per_file=2, overwrite=(tmp_path / "pool").exists())
+    return tmp_path / "pool", npz
+
+
+def test_overwrite_replaces_a_pool_with_the_new_one(tmp_path, capsys):
+    pool, _ = pool_with_npz(tmp_path)
+    new = make_npz(tmp_path / "new.npz", np.full((7, 4, 4, 3), 9, np.uint8), np.arange(7) % 2)
+    assert cli_main([str(pool), "--npz", str(new), "--overwrite", "--log-level", "ERROR"]) == 0
+    info, _, images = read_pool(pool)
+    assert info.num_rows == 7 and (images == 9).all()
+    assert sorted(os.listdir(pool)) == sorted(["pool.json", *info.files])
+    assert sorted(os.listdir(tmp_path)) == ["new.npz", "old.npz", "pool"]  # no .partial, no .replaced left
+
+
+def test_a_failed_overwrite_leaves_the_old_pool_intact(tmp_path, capsys):
+    pool, _ = pool_with_npz(tmp_path)
+    # image.npy promises 10 rows but holds 6: found only while rows are written
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10, 4, 4, 3)})
+    label = io.BytesIO()
+    np.save(label, np.arange(10) % 2)
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(short, "w") as zf:
+        zf.writestr("image.npy", buf.getvalue() + bytes(6 * 48))
+        zf.writestr("label.npy", label.getvalue())
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(short), "--overwrite", "--rows-per-file", "2"],
+                [short, "row 6", "truncated"])
+    zeros = make_npz(tmp_path / "zeros.npz", np.zeros((3, 4, 4, 3), np.uint8), np.zeros(3, np.int64))
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(zeros), "--overwrite"], [zeros, "at least 2 classes"])
+
+
+def foreign_entry(pool, kind):
+    """Put something rayprune did not write into ``pool``; return the name an error must give."""
+    listed = json.loads((pool / "pool.json").read_text())["files"]
+    if kind == "file":
+        (pool / "notes.txt").write_text("mine")
+        return "notes.txt"
+    if kind == "hidden":
+        (pool / ".DS_Store").write_bytes(b"\0\1")
+        return ".DS_Store"
+    if kind == "folder":
+        (pool / "plots").mkdir()
+        (pool / "plots" / "fig.png").write_bytes(b"png")
+        return "plots"
+    if kind == "unlisted-part":
+        (pool / "part-00099.parquet").write_bytes(b"an older file")
+        return "part-00099.parquet"
+    if kind == "fifo":
+        os.mkfifo(pool / "pipe")
+        return "pipe"
+    if kind == "listed-is-a-dir":
+        (pool / listed[0]).unlink()
+        (pool / listed[0]).mkdir()
+        (pool / listed[0] / "inside.txt").write_text("mine")
+        return f"{pool / listed[0]} is not a regular file (a directory)"
+    if kind == "listed-is-a-link":
+        (pool / listed[0]).unlink()
+        (pool / listed[0]).symlink_to(pool.parent / "old.npz")
+        return f"{pool / listed[0]} is not a regular file (a symbolic link)"
+    if kind == "bad-pool-json":
+        meta = json.loads((pool / "pool.json").read_text())
+        (pool / "pool.json").write_text(json.dumps({**meta, "num_classes": 0}))
+        return "num_classes must be an integer >= 2"
+    if kind == "no-pool-json":
+        (pool / "pool.json").unlink()
+        return f"not a pool (no pool.json; it holds {listed[0]!r})"
+    raise AssertionError(kind)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["file", "hidden", "folder", "unlisted-part", "fifo", "listed-is-a-dir",
+                                  "listed-is-a-link", "bad-pool-json", "no-pool-json"])
+def test_overwrite_refuses_a_directory_holding_more_than_its_pool(tmp_path, capsys, kind):
+    pool, _ = pool_with_npz(tmp_path)
+    name = foreign_entry(pool, kind)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")  # refused before any input is read: the error is about OUT_DIR
+    line = cli_refused(tmp_path, capsys, [str(pool), "--npz", str(garbage), "--overwrite"], [pool, name])
+    assert "garbage.npz" not in line
+    refused(tmp_path, [pool, name], convert, [InputSpec("npz", tmp_path / "old.npz")], pool, overwrite=True)
+
+
+def test_overwrite_refuses_a_link_a_file_and_leftover_siblings(tmp_path, capsys):
+    pool, npz = pool_with_npz(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(pool)
+    cli_refused(tmp_path, capsys, [str(link), "--npz", str(npz), "--overwrite"], [link, "is a symbolic link"])
+    (tmp_path / "afile").write_text("mine")
+    cli_refused(tmp_path, capsys, [str(tmp_path / "afile"), "--npz", str(npz), "--overwrite"],
+                [tmp_path / "afile", "not a directory (a regular file)"])
+    (tmp_path / ".pool.replaced").mkdir()
+    (tmp_path / ".pool.replaced" / "pool.json").write_text("{}")
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(npz), "--overwrite"], [tmp_path / ".pool.replaced"])
+    (tmp_path / ".pool.replaced" / "pool.json").unlink()
+    (tmp_path / ".pool.replaced").rmdir()
+    (tmp_path / ".pool.partial").mkdir()
+    (tmp_path / ".pool.partial" / "draft.txt").write_text("mine")
+    cli_refused(tmp_path, capsys, [str(pool), "--npz", str(npz), "--overwrite"],
+                [tmp_path / ".pool.partial", "not made by rayprune"])
+
+
+def test_overwrite_of_an_empty_directory_and_without_the_flag(tmp_path, capsys):
+    _, npz = pool_with_npz(tmp_path)
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--npz", str(npz)], ["pool", "already exists",
+                                                                                "--overwrite"])
+    (tmp_path / "empty").mkdir()
+    assert cli_main([str(tmp_path / "empty"), "--npz", str(npz), "--overwrite", "--log-level", "ERROR"]) == 0
+    assert read_pool_info(tmp_path / "empty").num_rows == 5
+
+
+# ----------------------------------------------------------------------------- inputs and output apart, empty paths
+
+
+@pytest.mark.parametrize("option", ["OUT_DIR", "--cifar10", "--npz", "--folder"])
+def test_an_empty_path_is_refused_naming_the_option(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)  # "" would otherwise mean this directory
+    npz = good_npz(tmp_path)
+    args = {"OUT_DIR": ["", "--npz", str(npz)], "--cifar10": ["pool", "--cifar10", ""],
+            "--npz": ["pool", "--npz", str(npz), ""], "--folder": ["pool", "--folder", ""]}[option]
+    cli_refused(tmp_path, capsys, [*args, "--overwrite"], [f"{option} is an empty path; give "])
+    if option != "OUT_DIR":
+        kind = option.removeprefix("--")
+        refused(tmp_path, [f"the path of the {kind} input is empty"], InputSpec, kind, "")
+
+
+def test_the_output_may_not_be_or_sit_inside_an_input(tmp_path, capsys):
+    rng = np.random.default_rng(21)
+    write_folder(tmp_path / "images", rng, per_class=(1, 1, 1))
+    cifar, _ = write_cifar_py(tmp_path / "c", rng)
+    npz = good_npz(tmp_path)
+    (tmp_path / "link-to-images").symlink_to(tmp_path / "images")
+    for out, args, parts in [
+        (tmp_path / "images" / "pool", ["--folder", tmp_path / "images"], ["lies inside the folder input"]),
+        (tmp_path / "link-to-images" / "new", ["--folder", tmp_path / "images"], ["lies inside the folder input"]),
+        (cifar / "pool", ["--cifar10", cifar.parent], ["lies inside the cifar10 input"]),
+        (npz, ["--npz", npz], ["is the npz input"]),
+        (tmp_path / "images", ["--folder", tmp_path / "link-to-images"], ["is the folder input"]),
+    ]:
+        for overwrite in ([], ["--overwrite"]):
+            cli_refused(tmp_path, capsys, [str(out), *map(str, args), *overwrite], [out, *parts])
+
+
+def test_no_input_may_sit_inside_the_output_it_would_replace(tmp_path, capsys):
+    pool, _ = pool_with_npz(tmp_path)
+    inside = pool / "part-00000.parquet"
+    (tmp_path / "link.npz").symlink_to(inside)  # an input reached through a link into OUT_DIR
+    for given in (inside, tmp_path / "link.npz"):
+        cli_refused(tmp_path, capsys, [str(pool), "--npz", str(given), "--overwrite"],
+                    [given, "lies inside the output directory", pool])
+
+
+# ----------------------------------------------------------------------------- inputs that are not regular files
+
+
+@pytest.mark.timeout(60)
+def test_npz_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.npz")
+    (tmp_path / "dir.npz").mkdir()
+    for given, parts in [(tmp_path / "pipe.npz", ["is not a regular file (a FIFO)", "expected an .npz file"]),
+                         (tmp_path / "dir.npz", ["is not a regular file (a directory)", "expected an .npz file"]),
+                         (tmp_path / "absent.npz", ["no such file", "expected an .npz file"])]:
+        cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--npz", str(given)], [given, *parts])
+        refused(tmp_path, [given, *parts], convert, [InputSpec("npz", given)], tmp_path / "pool")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("version", ["py", "bin"])
+def test_cifar10_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys, version):
+    py_dir, batches = write_cifar_py(tmp_path / "py", np.random.default_rng(22))
+    d = py_dir if version == "py" else write_cifar_bin(tmp_path / "bin", batches)
+    suffix = "" if version == "py" else ".bin"
+    out = str(tmp_path / "pool")
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d / f"data_batch_1{suffix}")],
+                [d / f"data_batch_1{suffix}", "not a directory (it is a regular file"])
+    batch = d / f"data_batch_3{suffix}"
+    batch.unlink()
+    os.mkfifo(batch)
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d)], [batch, "is not a regular file (a FIFO)"])
+    batch.unlink()
+    batch.write_bytes((d / f"data_batch_1{suffix}").read_bytes())
+    meta = d / ("batches.meta" if version == "py" else "batches.meta.txt")
+    meta.unlink()
+    os.mkfifo(meta)
+    cli_refused(tmp_path, capsys, [out, "--cifar10", str(d)], [meta, "is not a regular file (a FIFO)"])
+
+
+@pytest.mark.timeout(60)
+def test_folder_inputs_that_are_not_regular_files_are_named_never_opened(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root, np.random.default_rng(23), per_class=(1, 1, 1))
+    os.mkfifo(root / "dog" / "001.png")
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--folder", str(root)],
+                [root / "dog" / "001.png", "is not a regular file (a FIFO)"])
+    cli_refused(tmp_path, capsys, [str(tmp_path / "pool"), "--folder", str(root / "cat" / "000.png")],
+                [root / "cat" / "000.png", "not a directory (it is a regular file"])
+
+
+def test_class_and_file_counts_are_checked_up_front_naming_the_option(tmp_path, capsys):
+    npz = good_npz(tmp_path)
+    out = str(tmp_path / "pool")
+    for value in ("1", "0", "-4"):
+        cli_refused(tmp_path, capsys, [out, "--npz", str(npz), "--num-classes", value],
+                    ["--num-classes must be >= 2", "at least 2 classes", f"got {value}"])
+    cli_refused(tmp_path, capsys, [out, "--npz", str(npz), "--rows-per-file", "0"], ["--rows-per-file must be >= 1"])
+    write_folder(tmp_path / "one", np.random.default_rng(24), classes=("cat",), per_class=(2,))
+    cli_refused(tmp_path, capsys, [out, "--folder", str(tmp_path / "one")],
+                [tmp_path / "one", "has 1 class (cat)", "at least 2 classes", "--num-classes"])

@@ -101,7 +101,7 @@ def test_pool_file_names_cannot_leave_the_pool(tmp_path):
     from rayprune.data.pool import PoolError, read_pool_info
 
     for name in ("../../etc/passwd", "..", "sub/part.parquet", ""):
-        (tmp_path / "pool.json").write_text(json.dumps({"num_rows": 1, "image_shape": [1, 1, 3], "num_classes": 1,
+        (tmp_path / "pool.json").write_text(json.dumps({"num_rows": 1, "image_shape": [1, 1, 3], "num_classes": 2,
                                                         "sources": {"real": 1}, "files": [name]}))
         with pytest.raises(PoolError, match="plain names inside the pool"):
             read_pool_info(tmp_path)

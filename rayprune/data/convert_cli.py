@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from rayprune.data.pool import PoolError
+from rayprune.data.converters import EXPECTED_INPUT
+from rayprune.data.pool import MIN_CLASSES, WHY_TWO_CLASSES, PoolError
 from rayprune.errors import EXIT_INPUT, one_line
 
 DESCRIPTION = """\
@@ -16,8 +17,8 @@ plus pool.json (row count, image shape, number of classes, rows per source, file
 Ids are 0..N-1 in input order: CIFAR-10 first, then the .npz files in the order given,
 then the image folder. All inputs must share one image size; the pool's number of
 classes is the largest over the inputs. The .npz headers and labels and the folder's
-image sizes are checked before any row is written; a failed conversion leaves nothing
-at OUT_DIR.
+image sizes are checked before any row is written; a failed conversion leaves OUT_DIR
+as it was. A pool needs at least 2 classes.
 
 Nothing is downloaded: fetch CIFAR-10 yourself (https://www.cs.toronto.edu/~kriz/cifar.html,
 or torchvision.datasets.CIFAR10(root, download=True)) and point --cifar10 at the extracted
@@ -58,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_argument("--npz-source", metavar="NAME", default="synthetic", help="(default: synthetic)")
     sources.add_argument("--folder-source", metavar="NAME", default="real", help="(default: real)")
     parser.add_argument("--num-classes", type=int, metavar="N",
-                        help="declare the number of classes: every label must be below N (default: 10 for CIFAR-10, "
-                             "max label + 1 for .npz, the number of subfolders for a folder; the pool takes the largest)")
+                        help="declare the number of classes (at least 2): every label must be below N (default: 10 "
+                             "for CIFAR-10, max label + 1 for .npz, the number of subfolders for a folder; the pool "
+                             "takes the largest)")
     parser.add_argument("--rows-per-file", type=int, default=50_000, metavar="N",
                         help="rows per Parquet file (default: 50000)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is an existing pool")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds a pool and nothing else: only its pool.json and the files "
+                             "that lists are removed, and only after the new pool is complete (a failed conversion "
+                             "leaves the old pool as it was); any other file or folder in OUT_DIR, hidden ones "
+                             "included, stops the conversion before any input is read")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -75,10 +81,40 @@ def format_summary(out_dir, info) -> str:
     )
 
 
+EXPECTED = {"OUT_DIR": "the pool directory to create", "--cifar10": EXPECTED_INPUT["cifar10"],
+            "--npz": EXPECTED_INPUT["npz"], "--folder": EXPECTED_INPUT["folder"]}
+
+
+def option_problem(args: argparse.Namespace) -> str | None:
+    """The first option whose value cannot work, as one line naming it; None if all can.
+
+    Checked before any input is read: an empty path would otherwise mean the current
+    directory (or be silently skipped), and a bad count would surface only at the end.
+    """
+    given = {"OUT_DIR": [args.out_dir], "--cifar10": [args.cifar10], "--npz": args.npz, "--folder": [args.folder]}
+    for option, values in given.items():
+        if any(value == "" for value in values):
+            return f"{option} is an empty path; give {EXPECTED[option]}"
+    if args.num_classes is not None and args.num_classes < MIN_CLASSES:
+        return f"--num-classes must be >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); got {args.num_classes}"
+    if args.rows_per_file < 1:
+        return f"--rows-per-file must be >= 1; got {args.rows_per_file}"
+    return None
+
+
+def _error(message: str) -> int:
+    """Print the one line of a bad input and return its exit status (2, as argparse does)."""
+    print(f"rayprune-convert: error: {one_line(message)}", file=sys.stderr)
+    return EXIT_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.cifar10 or args.npz or args.folder):
+    problem = option_problem(args)
+    if problem:
+        return _error(problem)
+    if args.cifar10 is None and not args.npz and args.folder is None:
         parser.error("give at least one input: --cifar10 DIR, --npz FILE or --folder DIR")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -86,16 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         inputs = []
-        if args.cifar10:
+        if args.cifar10 is not None:
             inputs.append(InputSpec("cifar10", args.cifar10, source=args.cifar10_source, split=args.cifar10_split,
                                     num_classes=args.num_classes))
         inputs += [InputSpec("npz", f, source=args.npz_source, num_classes=args.num_classes) for f in args.npz]
-        if args.folder:
+        if args.folder is not None:
             inputs.append(InputSpec("folder", args.folder, source=args.folder_source, num_classes=args.num_classes))
         info = convert(inputs, args.out_dir, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
     except PoolError as exc:  # bad input: one line, status 2 (as for bad flags and the job's input errors)
-        print(f"rayprune-convert: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_INPUT
+        return _error(str(exc))
     except OSError as exc:  # e.g. disk full while writing: not the input's fault
         print(f"rayprune-convert: error: {one_line(exc)}", file=sys.stderr)
         return 1

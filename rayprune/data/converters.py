@@ -20,7 +20,9 @@ Every reader yields validated :class:`Batch` es. :func:`convert` first checks wh
 cheap to check (CIFAR-10 files present, .npz headers and every label, every folder image
 header and size, one image shape across inputs), then streams the inputs through a
 ``PoolWriter`` with ids ``0..N-1`` in input order. Every problem is a one-line ``PoolError`` naming the
-file (and the row within it where there is one); a failed conversion leaves no output.
+file (and the row within it where there is one); a failed conversion leaves the output
+directory as it was. Inputs are checked with ``os.stat`` before they are opened, so a
+FIFO where a file belongs is named instead of blocking the converter.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import codecs
 import logging
 import os
 import pickle
+import stat
 import sys
 import zipfile
 import zlib
@@ -39,13 +42,30 @@ from pathlib import Path
 
 import numpy as np
 
-from rayprune.data.pool import POOL_META, PoolError, PoolInfo, PoolWriter, read_pool_info
+from rayprune.data.pool import (
+    MIN_CLASSES,
+    MISSING,
+    WHY_TWO_CLASSES,
+    PoolError,
+    PoolInfo,
+    PoolWriter,
+    check_output_dir,
+    file_kind,
+    image_shape_problem,
+    local_file_problem,
+    read_pool_info,
+)
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("cifar10", "npz", "folder")
 DEFAULT_SOURCES = {"cifar10": "real", "npz": "synthetic", "folder": "real"}
 SPLITS = ("train", "test")
+EXPECTED_INPUT = {
+    "cifar10": "a CIFAR-10 directory (cifar-10-batches-py or cifar-10-batches-bin, or their parent)",
+    "npz": "an .npz file",
+    "folder": "an image folder with one subfolder per class",
+}
 
 CIFAR10_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = 10
@@ -82,15 +102,18 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PoolError(f"unknown input kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if isinstance(self.path, str) and not self.path:  # Path("") would mean the current directory
+            raise PoolError(f"the path of the {self.kind} input is empty; give {EXPECTED_INPUT[self.kind]}")
         object.__setattr__(self, "path", Path(self.path))
         if self.split not in SPLITS:
             raise PoolError(f"unknown split {self.split!r} for {self.path}; allowed: {', '.join(SPLITS)}")
         if self.source is not None and (not isinstance(self.source, str) or not self.source.strip()):
             raise PoolError(f"source name for {self.path} must be a non-empty string; got {self.source!r}")
         if self.num_classes is not None and (
-            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < MIN_CLASSES
         ):
-            raise PoolError(f"num_classes for {self.path} must be a positive integer; got {self.num_classes!r}")
+            raise PoolError(f"num_classes for {self.path} must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); "
+                            f"got {self.num_classes!r}")
 
     @property
     def source_name(self) -> str:
@@ -147,6 +170,27 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, origin, first_row
 
 def _shape_str(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
+
+
+def _dir_problem(path: Path) -> str | None:
+    """None if ``path`` is a directory (links followed), else what it is instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "it does not exist"
+    except OSError as exc:
+        return f"it cannot be examined: {exc.strerror or exc}"
+    return None if stat.S_ISDIR(mode) else f"it is {file_kind(mode)}"
+
+
+def _check_regular(path: Path, expected: str) -> None:
+    """``path`` must be a regular file; checked with ``os.stat`` so that a FIFO is never
+    opened (reading one blocks) and a directory or device gets its own message."""
+    problem = local_file_problem(path)
+    if problem == MISSING:
+        raise PoolError(f"{path}: no such file (expected {expected})")
+    if problem:
+        raise PoolError(f"{path} {problem}; expected {expected}")
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -235,17 +279,22 @@ def _find_cifar10(path: Path, split: str) -> tuple[str, list[Path]]:
     """("py" | "bin", batch files of ``split``) for a CIFAR-10 directory or its parent."""
     if split not in SPLITS:
         raise PoolError(f"unknown CIFAR-10 split {split!r}; allowed: {', '.join(SPLITS)}")
-    if not path.is_dir():
-        raise PoolError(f"{path}: not a directory (expected cifar-10-batches-py or cifar-10-batches-bin)")
+    problem = _dir_problem(path)
+    if problem:
+        raise PoolError(f"{path}: not a directory ({problem}; expected cifar-10-batches-py or cifar-10-batches-bin, "
+                        "or their parent)")
     names = CIFAR10_BATCHES[split]
     for directory in [path, *(path / d for d in CIFAR10_DIRS)]:
         for fmt, suffix in (("py", ""), ("bin", ".bin")):
             files = [directory / (n + suffix) for n in names]
-            present = [f for f in files if f.is_file()]
-            if len(present) == len(files):
+            problems = [local_file_problem(f) for f in files]
+            for file, problem in zip(files, problems):
+                if problem not in (None, MISSING):
+                    raise PoolError(f"{file} {problem}; a CIFAR-10 batch is a regular file")
+            if MISSING not in problems:
                 return fmt, files
-            if present:
-                missing = ", ".join(f.name for f in files if not f.is_file())
+            if any(problem is None for problem in problems):
+                missing = ", ".join(f.name for f, problem in zip(files, problems) if problem == MISSING)
                 raise PoolError(f"{directory}: incomplete CIFAR-10 {split} split: missing {missing}")
     expected = ", ".join(names)
     raise PoolError(
@@ -254,21 +303,27 @@ def _find_cifar10(path: Path, split: str) -> tuple[str, list[Path]]:
     )
 
 
-def cifar10_class_names(path: str | Path) -> list[str]:
-    """Class names from ``batches.meta`` (python) or ``batches.meta.txt`` (binary); [] if absent."""
-    fmt, files = _find_cifar10(Path(path), "test")
-    directory = files[0].parent
+def cifar10_class_names(path: str | Path, split: str = "train") -> list[str]:
+    """Class names from ``batches.meta`` (python) or ``batches.meta.txt`` (binary) next to the
+    ``split``'s batches; [] if absent. Only that split's batches need to exist: a train
+    directory without ``test_batch`` (or a test directory without the data batches) is fine."""
+    fmt, files = _find_cifar10(Path(path), split)
+    return _class_names_in(files[0].parent, fmt)
+
+
+def _class_names_in(directory: Path, fmt: str) -> list[str]:
+    """The class names stored in the CIFAR-10 ``directory`` of format ``fmt``; [] if absent."""
+    meta = directory / ("batches.meta" if fmt == "py" else "batches.meta.txt")
+    problem = local_file_problem(meta)
+    if problem == MISSING:
+        return []
+    if problem:
+        raise PoolError(f"{meta} {problem}; it should hold the CIFAR-10 class names (or be absent)")
     if fmt == "py":
-        meta = directory / "batches.meta"
-        if not meta.is_file():
-            return []
         names = _entry(_load_pickle(meta), "label_names", meta)
         if not isinstance(names, list):
             raise PoolError(f"{meta}: label_names must be a list; got {type(names).__name__}")
         return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
-    meta = directory / "batches.meta.txt"
-    if not meta.is_file():
-        return []
     try:
         return [line.strip() for line in meta.read_text(errors="replace").splitlines() if line.strip()]
     except OSError as exc:
@@ -435,6 +490,7 @@ def scan_npz(path: str | Path, num_classes: int | None = None) -> tuple[tuple[in
     ``num_classes`` is given, below it.
     """
     path = Path(path)
+    _check_regular(path, EXPECTED_INPUT["npz"])
     with _npz_errors(path):
         with ExitStack() as stack:
             reader = _NpzReader(stack.enter_context(zipfile.ZipFile(path)), path, stack)
@@ -454,6 +510,7 @@ def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Ba
     deflated); the arrays are never loaded whole and pickle is never used.
     """
     path = Path(path)
+    _check_regular(path, EXPECTED_INPUT["npz"])
     logger.info("reading %s", path)
     with _npz_errors(path):
         with ExitStack() as stack:
@@ -472,8 +529,9 @@ def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Ba
 
 
 def _folder_listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    if not root.is_dir():
-        raise PoolError(f"{root}: not a directory (expected one subfolder of images per class)")
+    problem = _dir_problem(root)
+    if problem:
+        raise PoolError(f"{root}: not a directory ({problem}; expected one subfolder of images per class)")
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
@@ -494,6 +552,7 @@ def _folder_listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                 if filename.startswith("."):
                     continue
                 if Path(filename).suffix.lower() in IMAGE_EXTENSIONS:
+                    _check_regular(Path(dirpath) / filename, "a regular image file")
                     files.append((Path(dirpath) / filename, label))
                     count += 1
                 else:
@@ -581,8 +640,7 @@ def inspect_input(spec: InputSpec) -> InputInfo:
     """Check an input without writing anything: shape, classes, rows (cheap passes only)."""
     declared = spec.num_classes
     if spec.kind == "cifar10":
-        _find_cifar10(spec.path, spec.split)
-        names = cifar10_class_names(spec.path)
+        names = cifar10_class_names(spec.path, spec.split)
         if names and len(names) != CIFAR10_CLASSES:
             raise PoolError(f"{spec.describe()}: batches.meta lists {len(names)} class names; CIFAR-10 has 10")
         shape, rows, observed = CIFAR10_SHAPE, None, CIFAR10_CLASSES
@@ -606,19 +664,44 @@ def read_input(spec: InputSpec) -> Iterator[Batch]:
     return read_folder(spec.path)
 
 
+def _resolved(path: Path, what: str) -> Path:
+    """``path`` with symbolic links and ``..`` resolved, to compare locations."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise PoolError(f"{what} {path} cannot be resolved ({_one_line(exc)})") from None
+
+
 def _check_out_dir(out_dir: Path, inputs: list[InputSpec], overwrite: bool) -> None:
-    out = out_dir.resolve()
+    """Before any input is read: the output directory is none of the inputs, lies inside
+    none of them (writing would change an input) and holds none of them (overwriting would
+    replace it), all after resolving links; and the writer may use it (``check_output_dir``)."""
+    out = _resolved(out_dir, "the output directory")
     for spec in inputs:
-        src = spec.path.resolve()
-        if src == out or out in src.parents:
+        src = _resolved(spec.path, f"the {spec.kind} input")
+        if src == out:
+            raise PoolError(f"the output directory {out_dir} is the {spec.describe()}; choose another output directory")
+        if out in src.parents:
             raise PoolError(f"{spec.describe()} lies inside the output directory {out_dir}; choose another output")
-    if out_dir.exists():
-        if not overwrite:
-            raise PoolError(f"{out_dir} already exists; choose a new directory or pass overwrite (--overwrite)")
-        if not out_dir.is_dir():
-            raise PoolError(f"{out_dir} exists and is not a directory; refusing to replace it")
-        if not (out_dir / POOL_META).is_file() and any(out_dir.iterdir()):
-            raise PoolError(f"{out_dir} exists and is not a pool (no {POOL_META}); refusing to replace it")
+        if src in out.parents:
+            raise PoolError(f"the output directory {out_dir} lies inside the {spec.describe()}; writing there would "
+                            "change an input: choose an output directory outside it")
+    check_output_dir(out_dir, overwrite)
+
+
+def _check_pool_shape_and_classes(infos: list[InputInfo], num_classes: int) -> None:
+    """Refuse, before anything is written, a pool rayprune could not read back: images with
+    more channels than a pool allows, or fewer than 2 classes."""
+    problem = image_shape_problem(infos[0].image_shape)
+    if problem:
+        raise PoolError(f"{infos[0].spec.describe()}: images are {_shape_str(infos[0].image_shape)} (HxWxC); "
+                        f"a pool's image shape {problem}")
+    if num_classes < MIN_CLASSES:
+        what = "; ".join(f"{info.spec.describe()} has {info.num_classes} class"
+                         + (f" ({', '.join(info.class_names)})" if info.class_names else "") for info in infos)
+        raise PoolError(f"the pool would have {num_classes} class ({what}); {WHY_TWO_CLASSES}. Give data with "
+                        f"more classes, or declare num_classes (--num-classes N, N >= {MIN_CLASSES}) if the "
+                        "data has classes its labels do not show")
 
 
 def _merge_class_names(infos: list[InputInfo], num_classes: int) -> list[str]:
@@ -640,8 +723,9 @@ def convert(
     """Convert ``inputs`` (in order) into one pool at ``out_dir``; ids are 0..N-1 in order.
 
     All inputs are checked first (shapes must agree; labels, headers and image sizes are
-    validated); ``num_classes`` of the pool is the largest over the inputs. Nothing is
-    left at ``out_dir`` if anything fails.
+    validated); ``num_classes`` of the pool is the largest over the inputs (at least 2). If
+    anything fails, ``out_dir`` is left as it was: absent, or the old pool when
+    ``overwrite`` replaces one (see ``pool.replaceable_entries``).
     """
     from tqdm.auto import tqdm
 
@@ -664,6 +748,7 @@ def convert(
         infos.append(info)
     shape = infos[0].image_shape
     num_classes = max(info.num_classes for info in infos)
+    _check_pool_shape_and_classes(infos, num_classes)
     class_names = _merge_class_names(infos, num_classes)
     total = None if any(info.num_rows is None for info in infos) else sum(info.num_rows for info in infos)
     logger.info("converting %d input(s) into %s: images %s, %d classes", len(infos), out_dir, _shape_str(shape), num_classes)

@@ -155,10 +155,7 @@ def _files_on(path: str | Path, info: PoolInfo) -> tuple[list[str], object, list
 
 def check_pool(path: str | Path) -> PoolInfo:
     """Check the pool at ``path`` as the module docstring says; return its ``PoolInfo``."""
-    info = read_pool_info(path)
-    if len(set(info.files)) != len(info.files):
-        dup = next(f for f in info.files if info.files.count(f) > 1)
-        raise PoolError(f"{storage.join(path, POOL_META)}: lists the file {dup} more than once")
+    info = read_pool_info(path)  # also refuses a file listed twice
     files, fs, paths = _files_on(path, info)
     rows, ids = 0, []
     for file, fs_path in zip(files, paths):
