@@ -99,6 +99,7 @@ def check_storage(config: JobConfig) -> None:
         except storage.StorageError as exc:
             raise storage.StorageError(f"{option}: {exc}") from None
     if config.publish_uri:
+        storage.check_publish_target(config.publish_uri)
         fs, path = storage.resolve(config.publish_uri)
         out = Path(config.output_dir).resolve()
         if isinstance(fs, pafs.LocalFileSystem) and Path(path).resolve().is_relative_to(out):

@@ -30,6 +30,7 @@ from rayprune.errors import InputError, one_line
 logger = logging.getLogger(__name__)
 
 COMPLETE = "_COMPLETE.json"
+PUBLISHING = "_PUBLISHING.json"  # written first by a publish, removed after COMPLETE: the destination is ours
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 ALLOWED = "a local path or a URI pyarrow can open (s3://, gs://, hdfs://, file://)"
 
@@ -155,18 +156,39 @@ def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         out.write(data)
 
 
+def check_publish_target(uri: str) -> None:
+    """``uri`` is empty, missing or an earlier publish of rayprune's (``_COMPLETE.json`` or
+    ``_PUBLISHING.json`` at its top); else a StorageError: a republish overwrites what
+    is there, which must never be someone else's data."""
+    fs, base = resolve(uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except (pa.ArrowException, OSError) as exc:
+        raise StorageError(f"publish_uri {uri} cannot be listed: {one_line(exc)}") from None
+    names = {e.base_name for e in entries}
+    if names and not names & {COMPLETE, PUBLISHING}:
+        raise StorageError(f"publish_uri {uri} holds other data ({sorted(names)[0]}, ...) and no earlier rayprune "
+                           f"publish ({COMPLETE}): publish to a new or empty location")
+
+
 def publish(root: Path, uri: str, products: list[str]) -> dict:
     """Copy ``products`` (files or directories relative to ``root``) to ``uri``; ``_COMPLETE.json`` last.
 
-    An earlier marker at ``uri`` is removed first and each product directory is emptied
-    before it is copied, so a republish overwrites, and a publish that fails leaves no
-    marker. Returns the marker's content: the files (relative names) with their sizes.
+    ``uri`` must pass :func:`check_publish_target`. ``_PUBLISHING.json`` is written first
+    (so an interrupted publish is still recognisably ours), an earlier ``_COMPLETE.json``
+    is removed, each product directory is emptied before it is copied, so a republish
+    overwrites, and a publish that fails leaves no complete marker. Returns the marker's
+    content: the files (relative names) with their sizes.
     """
     root = Path(root)
+    check_publish_target(uri)
     fs, base = resolve(uri)
     local = pafs.LocalFileSystem()
     files: dict[str, int] = {}
     try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(base, recursive=True)
+        _write_bytes(fs, f"{base}/{PUBLISHING}", json.dumps({"source": str(root)}).encode())
         marker = f"{base}/{COMPLETE}"
         if fs.get_file_info(marker).type != pafs.FileType.NotFound:
             fs.delete_file(marker)
@@ -190,6 +212,7 @@ def publish(root: Path, uri: str, products: list[str]) -> dict:
         record = {"source": str(root), "uri": uri, "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "files": files}
         _write_bytes(fs, marker, json.dumps(record, indent=2).encode())
+        fs.delete_file(f"{base}/{PUBLISHING}")
     except (pa.ArrowException, OSError) as exc:
         raise StorageError(f"publishing {root} to {uri} failed: {one_line(exc)}") from None
     logger.info("published %d file(s) (%.1f MB) to %s", len(files), sum(files.values()) / 1e6, uri)

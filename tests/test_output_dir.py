@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB
+from conftest import TINY_JOB, tree_snapshot
 
 from rayprune import cli, rundir
 from rayprune.config import ConfigError, flat_options, load_config
@@ -19,8 +19,8 @@ from rayprune.stages.common import stage_for
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (hidden ones included) with its bytes."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every regular file under ``root`` (hidden ones included) with its bytes."""
+    return {path: content for path, content in tree_snapshot(root).items() if isinstance(content, bytes)}
 
 
 def config(out: Path, **overrides):
@@ -78,19 +78,19 @@ def test_a_non_empty_directory_that_is_not_a_run_is_refused(tmp_path, capsys, no
     (out / "split" / "notes.csv").write_text("a,b\n1,2\n")
     (out / "score_subset").mkdir()
     (out / "score_subset" / "weights.pt").write_bytes(b"\x00" * 100)
-    before = snapshot(out)
+    before = tree_snapshot(out)
     err = run_cli(["--output-dir", str(out), "--tracking.enabled", "false"], capsys)
     assert "is not empty and is not a rayprune run" in err and str(out) in err
-    assert snapshot(out) == before
+    assert tree_snapshot(out) == before
 
 
 def test_a_converted_pool_under_the_output_dir_is_never_replaced_by_the_demo_pool(tmp_path, capsys, no_ray_no_mlflow):
     data = tmp_path / "data"
     write_demo_pool(DemoPoolSpec(n_real=20, n_synthetic=40, image_size=8, num_classes=3), data / "pool")
-    before = snapshot(data)
+    before = tree_snapshot(data)
     err = run_cli(["--output-dir", str(data), "--tracking.enabled", "false"], capsys)  # no --pool.path: the demo
     assert "not a rayprune run" in err
-    assert snapshot(data) == before
+    assert tree_snapshot(data) == before
 
 
 def test_a_foreign_folder_named_like_a_stage_inside_a_run_is_refused(tmp_path):
@@ -126,12 +126,12 @@ def test_output_dir_may_not_overlap_a_pool(tmp_path, capsys, no_ray_no_mlflow, w
     pool = tmp_path / "data" / "pool"
     write_demo_pool(DemoPoolSpec(n_real=40, n_synthetic=80, image_size=8, num_classes=3), pool)
     out = {"same": pool, "inside": pool / "out", "above": tmp_path / "data"}[where]
-    before = snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     flags = ["--pool.path", str(pool)] if option == "pool.path" else [
         "--evaluation.test_pool", str(pool), "--pool.demo.num_classes", "3", "--pool.demo.image_size", "8"]
     err = run_cli(["--output-dir", str(out), *flags, "--tracking.enabled", "false"], capsys)
     assert f"and {option} {pool} overlap" in err
-    assert snapshot(tmp_path) == before
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_empty_output_dir_is_an_error(capsys, no_ray_no_mlflow):

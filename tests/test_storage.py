@@ -237,6 +237,28 @@ def test_publish_to_a_local_directory(pools, tmp_path):
     assert (tmp_path / "archive/final_train/model.pt").read_bytes() == (root / "final_train/model.pt").read_bytes()
 
 
+def test_publish_never_overwrites_a_location_holding_other_data(pools, tmp_path):
+    """Only an empty location or an earlier publish (complete or interrupted) is written to."""
+    from conftest import tree_snapshot
+
+    local, _ = pools
+    root = fake_run(tmp_path / "run", local)
+    theirs = tmp_path / "theirs"
+    (theirs / "select").mkdir(parents=True)
+    (theirs / "select" / "kept_ids.parquet").write_bytes(b"someone else's file")
+    before = tree_snapshot(theirs)
+    with pytest.raises(InputError, match=r"publish_uri .*theirs holds other data \(select, ...\) and no earlier "):
+        storage.publish(root, str(theirs), PRODUCTS)
+    assert tree_snapshot(theirs) == before
+    # An interrupted publish of ours (no _COMPLETE.json yet) may be redone.
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / storage.PUBLISHING).write_text("{}")
+    (ours / "manifest.json").write_text("half")
+    record = storage.publish(root, str(ours), PRODUCTS)
+    assert storage.read_published(str(ours)) == record and not (ours / storage.PUBLISHING).exists()
+
+
 def test_publish_products_are_the_pipeline_results(pools, tmp_path):
     from rayprune.pipeline import publish_products
 
