@@ -16,7 +16,7 @@ import logging
 import sys
 import typing
 
-from rayprune.config import ConfigError, JobConfig, flat_fields, load_config, option_ranges
+from rayprune.config import ConfigError, JobConfig, flat_fields, load_config, option_choices, option_ranges
 from rayprune.errors import EXIT_INPUT, one_line, user_error_message
 
 logger = logging.getLogger("rayprune")
@@ -49,13 +49,14 @@ OPTION_HELP = {
 }
 
 
-def _option_help(key: str, typ, default) -> str:
+def _option_help(key: str, typ, default, ranges: dict, choices_of: dict) -> str:
     """``(default: X; allowed range)``: each default once, readably."""
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     if shown == "":
         shown = "empty"
-    bounds = option_ranges().get(key)
+    bounds, choices = ranges.get(key), choices_of.get(key)
     allowed = f"; {bounds.describe(typ is int)}" if bounds is not None else ""
+    allowed += f"; one of {', '.join(choices)}" if choices else ""
     text = f"(default: {shown}{allowed})"
     return f"{OPTION_HELP[key]} {text}" if key in OPTION_HELP else text
 
@@ -69,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: INFO)")
     options = parser.add_argument_group("options (override the config file; dotted names match its keys)")
+    ranges, choices = option_ranges(), option_choices()
     for key, (typ, default) in flat_fields(JobConfig).items():
         flags = [f"--{key}"]
         if key in ("output_dir", "publish_uri", "stale_results"):
             flags.append("--" + key.replace("_", "-"))
         # SUPPRESS: an option not given is absent from the namespace, so it never overrides the file.
         options.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=_type_name(typ),
-                             help=_option_help(key, typ, default))
+                             help=_option_help(key, typ, default, ranges, choices))
     return parser
 
 

@@ -17,7 +17,17 @@ from typing import Any
 
 import yaml
 
-from rayprune.bounds import COUNT_MAX, ConfigError, OptionError, bounded, check_ranges, field_range, one_of, seed_field
+from rayprune.bounds import (
+    COUNT_MAX,
+    ConfigError,
+    OptionError,
+    bounded,
+    check_ranges,
+    field_choices,
+    field_range,
+    one_of,
+    seed_field,
+)
 from rayprune.choices import AT_LOSSES, EVAL_ATTACKS, METHODS, METRICS, MODEL_NAMES, NORMS, SCHEDULES, WEIGHTINGS
 from rayprune.data.demo_pool import DemoPoolSpec
 from rayprune.scoring.scores import SCORE_NAMES
@@ -296,7 +306,11 @@ class JobConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "")
         if not self.output_dir.strip():
-            raise ConfigError("output_dir must be a directory path; got an empty string")
+            raise ConfigError(f"output_dir must be a directory path; got {self.output_dir!r}")
+        for name, value in (("pool.path", self.pool.path), ("evaluation.test_pool", self.evaluation.test_pool),
+                            ("publish_uri", self.publish_uri), ("ray.storage_path", self.ray.storage_path)):
+            if value and not value.strip():
+                raise ConfigError(f"{name} must be a path or URI, or empty for its default; got {value!r}")
         if self.train.warmup_epochs > self.train.epochs or self.final.train.warmup_epochs > self.final.train.epochs:
             raise ConfigError("train.warmup_epochs (and final.train.warmup_epochs) must be <= the epochs of the same "
                               f"training; got {self.train.warmup_epochs} of {self.train.epochs} and "
@@ -394,7 +408,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number; got {value!r}")
         try:
             return float(_fraction(value) if isinstance(value, str) else value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             raise ConfigError(f"{key} must be a number; got {value!r}") from None
     if typ is str:
         if not isinstance(value, str):
@@ -465,7 +479,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def read_config_text(path: Path) -> str:
+def read_config_text(path: str | Path) -> str:
     """The text of a YAML config file: a regular file of at most ``MAX_CONFIG_BYTES``.
 
     A FIFO, device or directory is refused before it is opened (reading ``/dev/zero`` or
@@ -474,7 +488,8 @@ def read_config_text(path: Path) -> str:
     import stat
 
     if not str(path).strip():
-        raise ConfigError("--config needs a file path; got an empty string")
+        raise ConfigError(f"--config needs a file path; got {str(path)!r}")
+    path = Path(path)
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -495,23 +510,32 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); give a YAML file") from None
 
 
-def option_ranges(cls=JobConfig, prefix: str = "") -> dict[str, Any]:
-    """Every bounded leaf option as ``dotted.key -> Range`` (for --help, the README and tests)."""
-    out = {}
+def _bounded_fields(cls=JobConfig, prefix: str = ""):
+    """(dotted key, field) of every leaf option."""
+    hints = _field_types(cls)
     for f in dataclasses.fields(cls):
-        typ = _field_types(cls)[f.name]
+        typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
-            out.update(option_ranges(typ, f"{prefix}{f.name}."))
-        elif field_range(f) is not None:
-            out[prefix + f.name] = field_range(f)
-    return out
+            yield from _bounded_fields(typ, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def option_ranges(cls=JobConfig) -> dict[str, Any]:
+    """Every bounded leaf option as ``dotted.key -> Range`` (for --help, the README and tests)."""
+    return {key: field_range(f) for key, f in _bounded_fields(cls) if field_range(f) is not None}
+
+
+def option_choices(cls=JobConfig) -> dict[str, tuple[str, ...]]:
+    """Every leaf option with a fixed set of names as ``dotted.key -> choices``."""
+    return {key: field_choices(f) for key, f in _bounded_fields(cls) if field_choices(f) is not None}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """Defaults <- YAML file <- dotted overrides, validated into a JobConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = read_config_text(Path(path))
+        text = read_config_text(path)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

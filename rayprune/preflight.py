@@ -122,6 +122,31 @@ def check_classes_and_threat_model(config: JobConfig, shape: tuple[int, int, int
                               "images (the largest L2 distance between two images in [0, 1])")
 
 
+def check_ray_address(config: JobConfig, timeout_s: float = 5.0) -> None:
+    """``ray.address`` (or RAY_ADDRESS) is ``auto``, ``local`` or a HOST:PORT that accepts a
+    TCP connection: ``ray.init`` on an address where nothing listens retries for minutes."""
+    import os
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # the caller has connected already (tests, notebooks)
+        return
+    option = "ray.address" if config.ray.address else "RAY_ADDRESS"
+    address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{option} {address!r} must be auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"{option} {address}: nothing answers at {host}:{port} ({exc.strerror or exc}); is the "
+                          "cluster up (`ray status`)? Leave ray.address empty to start a local Ray") from None
+
+
 def preflight(config: JobConfig) -> None:
     """Check the job's inputs against its config; raise ConfigError/PoolError naming the problem.
 
@@ -146,3 +171,4 @@ def preflight(config: JobConfig) -> None:
                 f"{test.num_classes} classes; the model is trained on {where}: images {list(shape)}, {classes} classes"
             )
     check_output_dir(config)
+    check_ray_address(config)

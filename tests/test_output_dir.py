@@ -135,7 +135,7 @@ def test_output_dir_may_not_overlap_a_pool(tmp_path, capsys, no_ray_no_mlflow, w
 
 
 def test_empty_output_dir_is_an_error(capsys, no_ray_no_mlflow):
-    assert "output_dir must be a directory path; got an empty string" in run_cli(["--output-dir", ""], capsys)
+    assert "output_dir must be a directory path; got ''" in run_cli(["--output-dir", ""], capsys)
 
 
 # ------------------------------------------------------------------- reruns with other inputs
