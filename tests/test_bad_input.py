@@ -556,5 +556,8 @@ def test_bad_data_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path, dama
     errors = [line for line in result.stderr.splitlines() if line.startswith("rayprune: error: ")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-4000:]
     assert not list(out.glob("*/_COMMITTED.json")) and not (out / "manifest.json").exists()
+    assert not (out / "split").exists()  # the failed stage left nothing a rerun could take for progress
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from registered_models").fetchone()[0] == 0
+        reasons = conn.execute("select value from tags where key = 'failure_reason'").fetchall()
+    assert len(reasons) == 1 and expected in reasons[0][0]  # the job's MLflow run says why it failed
