@@ -86,7 +86,7 @@ def _variant_fidelity(config: JobConfig, summary, truth: dict, query_ids: np.nda
     rows = []
     for k, w, m, sl in variant_grid(config, neighbours["label"]):
         result = extrapolate_scores(neighbours["embedding"], neighbours["score"], emb[pos],
-                                    _variant_config(config, k, w, m, sl),
+                                    _variant_config(k, w, m, sl),
                                     reference_labels=neighbours["label"], query_labels=labels[pos])
         rows.append({"k": k, "weighting": w, "metric": m, "same_label": sl,
                      "spearman_vs_full": spearman(want, result.scores)})

@@ -110,6 +110,11 @@ def format_summary(summary) -> str:
                      f"Pearson {q['probe_pearson']:.3f}, kept overlap {q['probe_kept_overlap']:.3f}")
         lines.append("                   (how well neighbours predict the subset run's own scores, not whether those"
                      " agree with a full-pool run)")
+    search = getattr(summary, "neighbour_search", None) or {}
+    if search:
+        width = f", search width {search['search_width']}" if search["search_width"] is not None else ""
+        lines.append(f"  neighbour search {search['method']}{width}: recall@k {search['recall']:.3f} against exact "
+                     f"search on {search['sample']} queries")
     if summary.robust_metrics:
         m = summary.robust_metrics
         lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, {summary.final_training_steps} steps; "

@@ -174,6 +174,8 @@ class ExtrapolationSettings:
     """kNN extrapolation. ``probe_fraction`` of the scored subset is held out as a probe
     (not used as neighbours) to measure extrapolation quality; ``auto`` picks the
     variant (k, weighting, metric, same_label) with the best probe Spearman correlation.
+    ``min_recall``: the ``approx`` and ``ivf`` methods widen their search (efSearch,
+    nprobe) until recall@k against exact search reaches it on a sample of queries.
     """
 
     k: int = bounded(12, ge=1, le=100_000)
@@ -183,6 +185,7 @@ class ExtrapolationSettings:
     same_label: bool = False
     probe_fraction: float = bounded(0.1, ge=0, lt=1)
     auto: bool = False
+    min_recall: float = bounded(0.95, gt=0, le=1)
 
     def __post_init__(self) -> None:
         check_ranges(self, "extrapolation")

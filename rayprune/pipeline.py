@@ -44,6 +44,7 @@ class RunSummary:
     random_baseline_metrics: dict[str, float] = field(default_factory=dict)
     registered_version: int | None = None
     extrapolation_quality: dict = field(default_factory=dict)
+    neighbour_search: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     compute: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -244,6 +245,10 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         extrap = run_extrapolate(config, pool, split, score, root, plan)
         jt.log_scores(tracker, extrap.scores_dir)
         jt.log_probe(tracker, extrap.quality, extrap.probe_file)
+        search = extrap.quality.get("search") or {}
+        if search:
+            tracker.log_metrics({"search_recall": search["recall"]})
+            tracker.set_tags({"search_method": search["method"], "search_width": search["search_width"]})
     with _stage(summary, tracker, "select"), _naming_unreadable_files(pool.path):
         selected = run_select(config, pool, extrap, root)
         jt.log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
@@ -296,6 +301,7 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     )
     summary.embedded_rows_per_node = extrap.rows_per_node
     summary.extrapolation_quality = extrap.quality.get("chosen") or {}
+    summary.neighbour_search = extrap.quality.get("search") or {}
     budget_warning = scoring_budget_warning(config, score.training_steps, final.training_steps if final else None)
     if budget_warning:
         logger.warning(budget_warning)

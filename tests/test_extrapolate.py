@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rayprune.scoring import ExtrapolationConfig, SearchOptions, extrapolate_scores, knn_search, neighbour_weights
+from rayprune.scoring.neighbours import calibrate_search, recall_at_k
 
 
 def brute_force_knn(queries, references, k, metric="euclidean"):
@@ -210,3 +211,96 @@ def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_la
         if seed > 0:
             assert len(builds) == n_before  # the cached indexes were reused
     assert len(cache) == (3 if same_label else 1)
+
+
+# ------------------------------------------------------------------ search width calibration
+
+
+def _brute_force_neighbours(queries, refs, k):
+    d = ((queries[:, None, :].astype(np.float64) - refs[None].astype(np.float64)) ** 2).sum(-1)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def test_recall_at_k_is_the_share_of_true_neighbours_found():
+    truth = np.array([[0, 1, 2], [3, 4, 5]])
+    found = np.array([[2, 9, 0], [5, 4, 3]])  # 2 of 3, then 3 of 3, in any order
+    assert recall_at_k(found, truth) == pytest.approx(5 / 6)
+    assert recall_at_k(truth, truth) == 1.0
+
+
+@pytest.mark.parametrize("method", ["ivf", "approx"])
+def test_calibration_widens_the_search_until_an_independent_recall_check_passes(method):
+    """Unclustered (isotropic) embeddings are where a fixed width loses recall: IVF with
+    its default 4 probes finds well under 95% of the true neighbours here."""
+    rng = np.random.default_rng(0)
+    refs = rng.normal(size=(6000, 32)).astype(np.float32)
+    queries = rng.normal(size=(300, 32)).astype(np.float32)
+    options = SearchOptions(method=method)
+    truth = _brute_force_neighbours(queries, refs, 12)
+    if method == "ivf":
+        _, idx = knn_search(queries, refs, 12, options)
+        assert recall_at_k(idx, truth) < 0.9  # the fixed default misses
+    cal = calibrate_search(queries, refs, 12, options, 0.95)
+    assert cal.options.method == method and cal.recall >= 0.95
+    _, idx = knn_search(queries, refs, 12, cal.options)
+    assert recall_at_k(idx, truth) == pytest.approx(cal.recall)  # re-measured independently
+    widths = [w for w, _ in cal.tried]
+    assert [r >= 0.95 for _, r in cal.tried] == [False] * (len(widths) - 1) + [True]  # the narrowest that passes
+    assert cal.as_dict()["search_width"] == widths[-1]
+
+
+def test_calibration_on_the_references_themselves_leaves_each_query_out():
+    rng = np.random.default_rng(1)
+    refs = rng.normal(size=(3000, 16)).astype(np.float32)
+    rows = np.arange(0, 3000, 15)
+    cal = calibrate_search(refs[rows], refs, 5, SearchOptions(method="ivf"), 0.9, self_index=rows)
+    assert cal.recall >= 0.9
+    # The truth it measured against excludes the query itself: the 5 nearest *other* rows.
+    others = _brute_force_neighbours(refs[rows], refs, 6)[:, 1:]
+    _, found = knn_search(refs[rows], refs, 6, cal.options)
+    found = np.array([[j for j in f if j != r][:5] for f, r in zip(found, rows)])
+    assert recall_at_k(found, others) == pytest.approx(cal.recall)
+
+
+def test_calibration_falls_back_to_exact_search_when_no_width_is_enough(monkeypatch):
+    import rayprune.scoring.neighbours as nb
+
+    monkeypatch.setattr(nb, "HNSW_EF_LADDER", (1,))
+    rng = np.random.default_rng(2)
+    refs = rng.normal(size=(4000, 32)).astype(np.float32)
+    cal = calibrate_search(refs[:100] + 0.01, refs, 20, SearchOptions(method="approx", hnsw_m=4), 1.0)
+    assert cal.options.method == "exact" and cal.recall == 1.0 and len(cal.tried) == 1 and cal.tried[0][1] < 1.0
+    assert calibrate_search(refs[:10], refs, 3, SearchOptions(), 0.99).options.method == "exact"
+
+
+def test_same_label_calibration_measures_same_label_neighbours():
+    rng = np.random.default_rng(3)
+    refs = rng.normal(size=(4000, 16)).astype(np.float32)
+    ref_labels = rng.integers(0, 3, 4000)
+    queries, q_labels = rng.normal(size=(150, 16)).astype(np.float32), rng.integers(0, 3, 150)
+    cal = calibrate_search(queries, refs, 8, SearchOptions(method="ivf"), 0.97, query_labels=q_labels,
+                           reference_labels=ref_labels)
+    _, found = knn_search(queries, refs, 8, cal.options, query_labels=q_labels, reference_labels=ref_labels)
+    truth = np.stack([np.flatnonzero(ref_labels == lab)[_brute_force_neighbours(q[None], refs[ref_labels == lab], 8)[0]]
+                      for q, lab in zip(queries, q_labels)])
+    assert recall_at_k(found, truth) == pytest.approx(cal.recall) and cal.recall >= 0.97
+
+
+def test_the_stage_calibrates_the_chosen_variant_on_the_probe():
+    from rayprune.config import load_config
+    from rayprune.stages.extrapolate import calibrate_for, extrapolation_config
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    refs = {"id": np.arange(n), "label": rng.integers(0, 2, n), "score": rng.random(n),
+            "embedding": rng.normal(size=(n, 24)).astype(np.float32)}
+    probe = np.zeros(n, bool)
+    probe[::10] = True
+    config = load_config(None, {"extrapolation.method": "ivf", "extrapolation.min_recall": 0.9})
+    chosen, cal = calibrate_for(config, extrapolation_config(config), refs, probe)
+    assert chosen.search == cal.options and cal.sample == probe.sum() and cal.recall >= 0.9
+    truth = _brute_force_neighbours(refs["embedding"][probe], refs["embedding"][~probe], 12)
+    _, found = knn_search(refs["embedding"][probe], refs["embedding"][~probe], 12, chosen.search)
+    assert recall_at_k(found, truth) == pytest.approx(cal.recall)
+    exact_config = load_config(None, {})
+    assert calibrate_for(exact_config, extrapolation_config(exact_config), refs, probe)[1].as_dict()["method"] == "exact"

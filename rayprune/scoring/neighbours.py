@@ -24,7 +24,7 @@ Distances are Euclidean; with ``metric="cosine"`` both sides are L2-normalised f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -177,9 +177,20 @@ def hnsw_index(references: np.ndarray, options: SearchOptions, k: int):
 
     index = faiss.IndexHNSWFlat(references.shape[1], options.hnsw_m)
     index.hnsw.efConstruction = options.hnsw_ef_construction
-    index.hnsw.efSearch = max(options.hnsw_ef_search, k)
     index.add(np.ascontiguousarray(references, dtype=np.float32))
+    set_search_width(index, options, k)
     return index
+
+
+def set_search_width(index, options: SearchOptions, k: int) -> None:
+    """Set the search-time width of a faiss index (HNSW efSearch, IVF nprobe) from ``options``.
+
+    Width does not change the index itself, so an index built once serves every width
+    (calibration tries several on one index)."""
+    if hasattr(index, "nprobe"):
+        index.nprobe = min(options.ivf_probes, index.nlist)
+    else:
+        index.hnsw.efSearch = max(options.hnsw_ef_search, k)
 
 
 def ivf_lists(n_references: int, options: SearchOptions) -> int:
@@ -199,7 +210,7 @@ def ivf_index(references: np.ndarray, options: SearchOptions):
     index = faiss.IndexIVFFlat(quantizer, refs.shape[1], lists)
     index.train(refs)
     index.add(refs)
-    index.nprobe = min(options.ivf_probes, lists)
+    set_search_width(index, options, 0)
     return index
 
 
@@ -215,6 +226,7 @@ def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options:
     hold fewer than k references) are searched exactly instead.
     """
     index = index if index is not None else approx_index(references, options, k)
+    set_search_width(index, options, k)
     dist, idx = index.search(np.ascontiguousarray(queries), k)
     dist, idx = dist.astype(np.float32), idx.astype(np.int64)
     short = np.flatnonzero((idx < 0).any(axis=1))
@@ -257,7 +269,8 @@ def knn_search(
             return _exact_search(queries, refs, k, options)
         if index_cache is None:
             return _approx_search(queries, refs, k, options)
-        key = (key, k, options)
+        # The search width is set per search: one cached index serves every width.
+        key = (key, k, replace(options, hnsw_ef_search=1, ivf_probes=1))
         if key not in index_cache:
             index_cache[key] = approx_index(refs, options, k)
         return _approx_search(queries, refs, k, options, index_cache[key])
@@ -292,3 +305,86 @@ def knn_search(
 
 def _empty(k: int):
     return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+
+
+# ------------------------------------------------------------------ search width calibration
+
+#: Widths tried in turn until the recall target is met (HNSW efSearch; IVF nprobe, capped
+#: at the number of lists, where IVF becomes exhaustive).
+HNSW_EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+IVF_PROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of the share of the true ``k`` neighbours that were found."""
+    if found.shape != truth.shape:
+        raise ValueError(f"found and truth must have the same shape; got {found.shape} and {truth.shape}")
+    if found.size == 0:
+        return 1.0
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2).sum()
+    return float(hits / truth.size)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The search options chosen for a recall target and what was measured on the way.
+
+    ``options``: the widest setting needed (``method`` becomes ``exact`` when no width
+    reached the target); ``recall``: its recall@k on the sample; ``tried``: (width, recall)
+    for every width tried, in order.
+    """
+
+    options: SearchOptions
+    recall: float
+    sample: int
+    tried: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        width = {"approx": self.options.hnsw_ef_search, "ivf": self.options.ivf_probes}.get(self.options.method)
+        return {"method": self.options.method, "search_width": width, "recall": self.recall,
+                "sample": self.sample, "tried": [list(t) for t in self.tried]}
+
+
+def calibrate_search(queries, references, k: int, options: SearchOptions, min_recall: float, *,
+                     query_labels=None, reference_labels=None, self_index=None) -> Calibration:
+    """The narrowest search width of ``options.method`` whose recall@k on ``queries`` reaches ``min_recall``.
+
+    The exact neighbours of the sample are the truth. ``self_index``: when the queries
+    are themselves references, the position of each in ``references``; the query's own
+    match is left out on both sides (k+1 are searched), so recall measures the
+    neighbours a query that is *not* a reference would get. An ``exact`` method, or no
+    width reaching the target, gives exact search (recall 1).
+    """
+    if not 0.0 < min_recall <= 1.0:
+        raise ValueError(f"min_recall must be in (0, 1]; got {min_recall!r}")
+    exact = replace(options, method="exact")
+    n = len(queries)
+    if options.method == "exact" or n == 0:
+        return Calibration(exact, 1.0, n)
+    extra = 0 if self_index is None else 1
+    labels = {"query_labels": query_labels, "reference_labels": reference_labels}
+
+    def neighbours(opts, cache=None):
+        _, idx = knn_search(queries, references, k + extra, opts, index_cache=cache, **labels)
+        if self_index is None:
+            return idx
+        own = idx == np.asarray(self_index)[:, None]
+        # Drop the query's own row where it was found, else the farthest neighbour.
+        drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+        keep = np.ones_like(idx, dtype=bool)
+        keep[np.arange(n), drop] = False
+        return idx[keep].reshape(n, k)
+
+    truth = neighbours(exact)
+    cache: dict = {}
+    ladder = HNSW_EF_LADDER if options.method == "approx" else IVF_PROBE_LADDER
+    tried = []
+    for width in ladder:
+        trial = replace(options, **({"hnsw_ef_search": width} if options.method == "approx" else {"ivf_probes": width}))
+        recall = recall_at_k(neighbours(trial, cache), truth)
+        tried.append((width, recall))
+        if recall >= min_recall:
+            return Calibration(trial, recall, n, tried)
+        if options.method == "ivf" and width >= ivf_lists(len(references), options):
+            break  # every list probed: wider cannot help
+    return Calibration(exact, 1.0, n, tried)

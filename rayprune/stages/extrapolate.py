@@ -12,6 +12,7 @@ and saved, so every extrapolated score can be recomputed by brute force afterwar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrapolate_scores
-from rayprune.scoring.neighbours import METRICS, SearchOptions
+from rayprune.scoring.neighbours import METRICS, SearchOptions, calibrate_search
 from rayprune.scoring.quality import probe_quality, split_probe
 from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.stages.common import fresh_dir, stage_for, swap_in, write_json_atomic
@@ -126,9 +127,9 @@ class Extrapolator:
                 "score": scores, "measured": measured, "neighbour_distance": distance}
 
 
-def _variant_config(config: JobConfig, k: int, weighting: str, metric: str, same_label: bool) -> ExtrapolationConfig:
+def _variant_config(k: int, weighting: str, metric: str, same_label: bool, method: str = "exact") -> ExtrapolationConfig:
     return ExtrapolationConfig(k=k, weighting=weighting, same_label=same_label,
-                               search=SearchOptions(metric=metric, method=config.extrapolation.method))
+                               search=SearchOptions(metric=metric, method=method))
 
 
 def variant_grid(config: JobConfig, neighbour_labels: np.ndarray) -> list[tuple[int, str, str, bool]]:
@@ -152,14 +153,16 @@ def variant_grid(config: JobConfig, neighbour_labels: np.ndarray) -> list[tuple[
 def compare_variants(config: JobConfig, refs: dict, probe: np.ndarray) -> list[dict]:
     """Probe quality of the configured variant and of a small grid around it.
 
-    The first entry is the configured variant (see ``variant_grid``).
+    The first entry is the configured variant (see ``variant_grid``). Neighbours are
+    found exactly here: the probe measures extrapolation, and the approximate search's
+    recall is measured and reported on its own (:func:`calibrate_for`).
     """
     higher = SCORE_DIRECTIONS[config.scoring.score]
     neighbours = {k: v[~probe] for k, v in refs.items()}
     results = []
     for k, w, m, sl in variant_grid(config, neighbours["label"]):
         result = extrapolate_scores(
-            neighbours["embedding"], neighbours["score"], refs["embedding"][probe], _variant_config(config, k, w, m, sl),
+            neighbours["embedding"], neighbours["score"], refs["embedding"][probe], _variant_config(k, w, m, sl),
             reference_labels=neighbours["label"], query_labels=refs["label"][probe],
         )
         quality = probe_quality(refs["score"][probe], result.scores, config.selection.keep_fraction, higher)
@@ -176,6 +179,40 @@ class ExtrapolateResult:
     quality: dict
     probe_file: Path | None
     digest: str
+
+
+CALIBRATION_QUERIES = 2000
+
+
+def calibrate_for(config: JobConfig, chosen: ExtrapolationConfig, refs: dict, probe: np.ndarray):
+    """The chosen variant's search, widened until recall@k reaches ``extrapolation.min_recall``.
+
+    The queries are the probe (scored samples that are not neighbours, like the rest of
+    the pool), or without a probe a sample of the neighbours themselves, each leaving
+    its own match out. Returns (the config to extrapolate with, the calibration)."""
+    neighbours = {k: v[~probe] for k, v in refs.items()}
+    rng = np.random.default_rng([config.split.seed, 17])
+    if probe.any():
+        rows = np.flatnonzero(probe)
+        rows = np.sort(rng.choice(rows, min(len(rows), CALIBRATION_QUERIES), replace=False))
+        queries, labels, self_index = refs["embedding"][rows], refs["label"][rows], None
+    else:
+        self_index = np.sort(rng.choice(len(neighbours["id"]), min(len(neighbours["id"]), CALIBRATION_QUERIES),
+                                        replace=False))
+        queries, labels = neighbours["embedding"][self_index], neighbours["label"][self_index]
+    same = {"query_labels": labels, "reference_labels": neighbours["label"]} if chosen.same_label else {}
+    calibration = calibrate_search(queries, neighbours["embedding"], chosen.k, chosen.search,
+                                   config.extrapolation.min_recall, self_index=self_index, **same)
+    if chosen.search.method != "exact":
+        if calibration.options.method == "exact":
+            logger.warning("extrapolation.method %s did not reach recall@%d >= %.2f at any search width (%s); "
+                           "searching exactly", chosen.search.method, chosen.k, config.extrapolation.min_recall,
+                           ", ".join(f"{w}: {r:.3f}" for w, r in calibration.tried))
+        else:
+            logger.info("extrapolation.method %s: search width %s gives recall@%d %.3f on %d queries",
+                        chosen.search.method, calibration.as_dict()["search_width"], chosen.k, calibration.recall,
+                        calibration.sample)
+    return dataclasses.replace(chosen, search=calibration.options), calibration
 
 
 def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, actors: int, tally=None,
@@ -268,7 +305,8 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
             variants = compare_variants(config, refs, probe)
             best = max(variants, key=lambda v: -np.inf if np.isnan(v["probe_spearman"]) else v["probe_spearman"])
             pick = best if config.extrapolation.auto else variants[0]
-            chosen = _variant_config(config, pick["k"], pick["weighting"], pick["metric"], pick["same_label"])
+            chosen = _variant_config(pick["k"], pick["weighting"], pick["metric"], pick["same_label"],
+                                     config.extrapolation.method)
             write_table_atomic(pa.table({"id": refs["id"][probe], "measured": refs["score"][probe],
                                          "extrapolated": pick["_extrapolated"]}), stage.dir / PROBE_FILE)
             strip = lambda v: {k: x for k, x in v.items() if not k.startswith("_")}  # noqa: E731
@@ -278,6 +316,8 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
             logger.info("extrapolation quality on a probe of %d scored samples (k=%d, %s, %s, same_label=%s): "
                         "Spearman %.3f, Pearson %.3f, kept overlap %.3f", c["probe_n"], c["k"], c["weighting"],
                         c["metric"], c["same_label"], c["probe_spearman"], c["probe_pearson"], c["probe_kept_overlap"])
+        chosen, calibration = calibrate_for(config, chosen, refs, probe)
+        quality["search"] = calibration.as_dict()
         write_json_atomic(stage.dir / QUALITY_FILE, quality)
         neighbours = {k: v[~probe] for k, v in refs.items()}
         neighbours.update(measured_id=refs["id"], measured_score=refs["score"])
