@@ -216,6 +216,14 @@ def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_la
 # ------------------------------------------------------------------ search width calibration
 
 
+@pytest.fixture
+def any_speed(monkeypatch):
+    """Recall tests must not depend on timing: accept an approximate search however fast."""
+    import rayprune.scoring.neighbours as nb
+
+    monkeypatch.setattr(nb, "MIN_SPEEDUP", 0.0)
+
+
 def _brute_force_neighbours(queries, refs, k):
     d = ((queries[:, None, :].astype(np.float64) - refs[None].astype(np.float64)) ** 2).sum(-1)
     return np.argsort(d, axis=1, kind="stable")[:, :k]
@@ -229,7 +237,7 @@ def test_recall_at_k_is_the_share_of_true_neighbours_found():
 
 
 @pytest.mark.parametrize("method", ["ivf", "approx"])
-def test_calibration_widens_the_search_until_an_independent_recall_check_passes(method):
+def test_calibration_widens_the_search_until_an_independent_recall_check_passes(method, any_speed):
     """Unclustered (isotropic) embeddings are where a fixed width loses recall: IVF with
     its default 4 probes finds well under 95% of the true neighbours here."""
     rng = np.random.default_rng(0)
@@ -249,7 +257,7 @@ def test_calibration_widens_the_search_until_an_independent_recall_check_passes(
     assert cal.as_dict()["search_width"] == widths[-1]
 
 
-def test_calibration_on_the_references_themselves_leaves_each_query_out():
+def test_calibration_on_the_references_themselves_leaves_each_query_out(any_speed):
     rng = np.random.default_rng(1)
     refs = rng.normal(size=(3000, 16)).astype(np.float32)
     rows = np.arange(0, 3000, 15)
@@ -273,7 +281,7 @@ def test_calibration_falls_back_to_exact_search_when_no_width_is_enough(monkeypa
     assert calibrate_search(refs[:10], refs, 3, SearchOptions(), 0.99).options.method == "exact"
 
 
-def test_same_label_calibration_measures_same_label_neighbours():
+def test_same_label_calibration_measures_same_label_neighbours(any_speed):
     rng = np.random.default_rng(3)
     refs = rng.normal(size=(4000, 16)).astype(np.float32)
     ref_labels = rng.integers(0, 3, 4000)
@@ -286,7 +294,7 @@ def test_same_label_calibration_measures_same_label_neighbours():
     assert recall_at_k(found, truth) == pytest.approx(cal.recall) and cal.recall >= 0.97
 
 
-def test_the_stage_calibrates_the_chosen_variant_on_the_probe():
+def test_the_stage_calibrates_the_chosen_variant_on_the_probe(any_speed):
     from rayprune.config import load_config
     from rayprune.stages.extrapolate import calibrate_for, extrapolation_config
 
@@ -304,3 +312,14 @@ def test_the_stage_calibrates_the_chosen_variant_on_the_probe():
     assert recall_at_k(found, truth) == pytest.approx(cal.recall)
     exact_config = load_config(None, {})
     assert calibrate_for(exact_config, extrapolation_config(exact_config), refs, probe)[1].as_dict()["method"] == "exact"
+
+
+def test_exact_search_is_used_when_the_approximate_one_is_not_faster(monkeypatch):
+    import rayprune.scoring.neighbours as nb
+
+    monkeypatch.setattr(nb, "MIN_SPEEDUP", 1e9)  # no search can be that much faster
+    rng = np.random.default_rng(5)
+    refs = rng.normal(size=(3000, 16)).astype(np.float32)
+    cal = calibrate_search(refs[:200] + 0.01, refs, 5, SearchOptions(method="ivf"), 0.9)
+    assert cal.options.method == "exact" and cal.recall == 1.0 and cal.tried[-1][1] >= 0.9
+    assert cal.speedup is not None and "exact search was faster" in cal.note

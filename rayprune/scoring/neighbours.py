@@ -24,6 +24,7 @@ Distances are Euclidean; with ``metric="cosine"`` both sides are L2-normalised f
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -311,6 +312,9 @@ def _empty(k: int):
 
 #: Widths tried in turn until the recall target is met (HNSW efSearch; IVF nprobe, capped
 #: at the number of lists, where IVF becomes exhaustive).
+#: An approximate search must beat exact search on the calibration sample by this much
+#: (a margin for timing noise) or exact search is used.
+MIN_SPEEDUP = 1.25
 HNSW_EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 IVF_PROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 
@@ -329,20 +333,25 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 class Calibration:
     """The search options chosen for a recall target and what was measured on the way.
 
-    ``options``: the widest setting needed (``method`` becomes ``exact`` when no width
-    reached the target); ``recall``: its recall@k on the sample; ``tried``: (width, recall)
-    for every width tried, in order.
+    ``options``: the narrowest setting that reaches the target (``method`` becomes
+    ``exact`` when none does, or when exact search was faster at that width);
+    ``recall``: its recall@k on the sample; ``tried``: (width, recall) for every width
+    tried, in order; ``speedup``: the sample's exact search time over the chosen
+    width's (measured, so it varies from run to run); ``note``: why exact was chosen.
     """
 
     options: SearchOptions
     recall: float
     sample: int
     tried: list[tuple[int, float]] = field(default_factory=list)
+    speedup: float | None = None
+    note: str = ""
 
     def as_dict(self) -> dict:
         width = {"approx": self.options.hnsw_ef_search, "ivf": self.options.ivf_probes}.get(self.options.method)
         return {"method": self.options.method, "search_width": width, "recall": self.recall,
-                "sample": self.sample, "tried": [list(t) for t in self.tried]}
+                "sample": self.sample, "tried": [list(t) for t in self.tried], "speedup_on_sample": self.speedup,
+                "note": self.note}
 
 
 def calibrate_search(queries, references, k: int, options: SearchOptions, min_recall: float, *,
@@ -352,8 +361,10 @@ def calibrate_search(queries, references, k: int, options: SearchOptions, min_re
     The exact neighbours of the sample are the truth. ``self_index``: when the queries
     are themselves references, the position of each in ``references``; the query's own
     match is left out on both sides (k+1 are searched), so recall measures the
-    neighbours a query that is *not* a reference would get. An ``exact`` method, or no
-    width reaching the target, gives exact search (recall 1).
+    neighbours a query that is *not* a reference would get. An ``exact`` method, no width
+    reaching the target, or a width whose search is not ``MIN_SPEEDUP`` times faster
+    than exact search on the sample (high-dimensional embeddings without structure need
+    so wide a search that scanning everything is cheaper) gives exact search (recall 1).
     """
     if not 0.0 < min_recall <= 1.0:
         raise ValueError(f"min_recall must be in (0, 1]; got {min_recall!r}")
@@ -375,7 +386,9 @@ def calibrate_search(queries, references, k: int, options: SearchOptions, min_re
         keep[np.arange(n), drop] = False
         return idx[keep].reshape(n, k)
 
+    start = time.perf_counter()
     truth = neighbours(exact)
+    exact_seconds = time.perf_counter() - start
     cache: dict = {}
     ladder = HNSW_EF_LADDER if options.method == "approx" else IVF_PROBE_LADDER
     tried = []
@@ -384,7 +397,14 @@ def calibrate_search(queries, references, k: int, options: SearchOptions, min_re
         recall = recall_at_k(neighbours(trial, cache), truth)
         tried.append((width, recall))
         if recall >= min_recall:
-            return Calibration(trial, recall, n, tried)
+            start = time.perf_counter()  # timed again: the first search at a width may have built the index
+            neighbours(trial, cache)
+            speedup = exact_seconds / max(time.perf_counter() - start, 1e-9)
+            if speedup < MIN_SPEEDUP:
+                return Calibration(exact, 1.0, n, tried, speedup,
+                                   f"recall {recall:.3f} needs width {width}, where exact search was faster "
+                                   f"({speedup:.2f}x on the sample)")
+            return Calibration(trial, recall, n, tried, speedup)
         if options.method == "ivf" and width >= ivf_lists(len(references), options):
             break  # every list probed: wider cannot help
-    return Calibration(exact, 1.0, n, tried)
+    return Calibration(exact, 1.0, n, tried, None, f"no search width reached recall {min_recall}")

@@ -205,9 +205,8 @@ def calibrate_for(config: JobConfig, chosen: ExtrapolationConfig, refs: dict, pr
                                    config.extrapolation.min_recall, self_index=self_index, **same)
     if chosen.search.method != "exact":
         if calibration.options.method == "exact":
-            logger.warning("extrapolation.method %s did not reach recall@%d >= %.2f at any search width (%s); "
-                           "searching exactly", chosen.search.method, chosen.k, config.extrapolation.min_recall,
-                           ", ".join(f"{w}: {r:.3f}" for w, r in calibration.tried))
+            logger.warning("extrapolation.method %s: %s; searching exactly (widths tried: %s)", chosen.search.method,
+                           calibration.note, ", ".join(f"{w}: {r:.3f}" for w, r in calibration.tried))
         else:
             logger.info("extrapolation.method %s: search width %s gives recall@%d %.3f on %d queries",
                         chosen.search.method, calibration.as_dict()["search_width"], chosen.k, calibration.recall,
