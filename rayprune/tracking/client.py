@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from matplotlib.figure import Figure
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rayprune.tracking")  # one logger for the package
 
 T = TypeVar("T")
 
