@@ -10,12 +10,14 @@ from rayprune.tracking.client import (
     Tracker,
     TrackingError,
     default_tracking_uri,
+    flatten_params,
+    sqlite_artifact_root,
+)
+from rayprune.tracking.figures import (
     figure_composition,
     figure_curves,
     figure_scatter,
     figure_score_distributions,
-    flatten_params,
-    sqlite_artifact_root,
 )
 
 __all__ = [
