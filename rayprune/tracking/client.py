@@ -11,7 +11,7 @@ Design:
   each other. The one exception is ``mlflow.pytorch.log_model``, which only reads the
   global tracking/registry URI: it runs inside a scope that sets them to this tracker's
   URI and restores them (and their environment variables) afterwards.
-* Every MLflow call goes through one guard (:meth:`Tracker._guarded`). Tracking must not
+* Every MLflow call goes through one guard (:meth:`Tracker._guard`). Tracking must not
   kill a long pruning job: when not strict, the first failure logs one warning and turns
   tracking off for the rest of the job. When strict, it raises :class:`TrackingError`.
 * When not strict, MLflow's HTTP retry policy (7 retries with exponential backoff, about
@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
@@ -271,20 +271,21 @@ class Tracker:
     @property
     def _client(self) -> MlflowClient:
         # Building the client already opens the store (SQLite: creates the tables), which
-        # can fail: only call this inside ``_guarded``.
+        # can fail: only call this inside ``_guard``.
         if self._client_obj is None:
             self._client_obj = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client_obj
 
     # -------------------------------------------------------------- the guard
 
-    def _guarded(self, what: str, fn: Callable[[], T]) -> T | None:
-        """Run one MLflow interaction; on failure warn once and disable, or raise if strict."""
-        if not self._enabled:
-            return None
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Wrap the MLflow calls in the body: a failure warns once and turns tracking off, or
+        raises :class:`TrackingError` if strict. Callers check that tracking is on first.
+        """
         try:
             with _environ(self._http_policy):
-                return fn()
+                yield
         except Exception as exc:  # MLflow raises many types (MlflowException, OSError, SQL errors)
             message = f"MLflow tracking failed at {what} (tracking URI {self.uri}): {_short(exc)}"
             if self.strict:
@@ -292,9 +293,11 @@ class Tracker:
             self._enabled = False
             self._runs.clear()
             logger.warning("%s; the job continues without tracking", message)
-            return None
 
-    def _current(self) -> str:
+    def _target(self) -> str | None:
+        """The run to log to (the innermost open one); None when tracking is off."""
+        if not self._enabled:
+            return None
         if not self._runs:
             raise RuntimeError("no job is running: call Tracker.start_job first")
         return self._runs[-1]
@@ -334,17 +337,16 @@ class Tracker:
         if self._enabled and self._runs:
             raise RuntimeError(f"a job is already running (run {self._runs[0]}); call end_job first")
         flat = self._checked_params(params or {})
-
-        def start() -> str:
-            experiment_id = self._ensure_experiment()
+        if not self._enabled:
+            return None
+        run_id = None
+        with self._guard("start_job"):
             run = self._client.create_run(
-                experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
+                self._ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
             )
             self._runs.append(run.info.run_id)
             self._log_params_now(run.info.run_id, flat)
-            return run.info.run_id
-
-        run_id = self._guarded("start_job", start)
+            run_id = run.info.run_id
         if run_id is not None:
             logger.info("MLflow: job run %s in experiment %r at %s", run_id, self.experiment, self.uri)
         return run_id
@@ -356,20 +358,15 @@ class Tracker:
         Yields the child's run id (None when tracking is off). An exception in the body
         marks the child FAILED and propagates.
         """
-        if self._enabled:
-            self._current()
-
-        def open_child() -> str:
-            parent = self._current()
-            run = self._client.create_run(
-                self._ensure_experiment(),
-                run_name=name,
-                tags={MLFLOW_PARENT_RUN_ID: parent, "stage": name},
-            )
-            self._runs.append(run.info.run_id)
-            return run.info.run_id
-
-        run_id = self._guarded(f"stage {name!r} (start)", open_child)
+        parent = self._target()
+        run_id = None
+        if parent is not None:
+            with self._guard(f"stage {name!r} (start)"):
+                run = self._client.create_run(
+                    self._ensure_experiment(), run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent, "stage": name}
+                )
+                self._runs.append(run.info.run_id)
+                run_id = run.info.run_id
         start = time.perf_counter()
         status = "FAILED"
         try:
@@ -377,15 +374,12 @@ class Tracker:
             status = "FINISHED"
         finally:
             seconds = time.perf_counter() - start
-            if run_id is not None:
-
-                def close_child() -> None:
+            if run_id is not None and self._enabled:
+                with self._guard(f"stage {name!r} (end)"):
                     self._client.log_metric(run_id, "wall_seconds", seconds, timestamp=_now_ms())
                     self._client.set_terminated(run_id, status)
                     if self._runs and self._runs[-1] == run_id:
                         self._runs.pop()
-
-                self._guarded(f"stage {name!r} (end)", close_child)
 
     def end_job(self, status: str = "FINISHED") -> None:
         """Close open stage runs and the job's parent run with ``status``."""
@@ -393,13 +387,10 @@ class Tracker:
             raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
         if not self._enabled or not self._runs:
             return
-
-        def end() -> None:
+        with self._guard("end_job"):
             while self._runs:
                 self._client.set_terminated(self._runs[-1], status)
                 self._runs.pop()
-
-        self._guarded("end_job", end)
 
     # -------------------------------------------------------------- params, metrics, tags
 
@@ -420,41 +411,36 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (nested, flattened) params to the current run."""
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
         flat = self._checked_params(params)
-        self._guarded("log_params", lambda: self._log_params_now(run_id, flat))
+        with self._guard("log_params"):
+            self._log_params_now(run_id, flat)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics to the current run (the innermost open stage, else the job)."""
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
         stamp = _now_ms()
         try:
             items = [Metric(str(k), float(v), stamp, int(step or 0)) for k, v in metrics.items()]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metric values must be numbers; got {dict(metrics)!r}") from exc
-
-        def log() -> None:
+        with self._guard("log_metrics"):
             for chunk in _chunks(items, 1000):
                 self._client.log_batch(run_id, metrics=list(chunk), synchronous=True)
 
-        self._guarded("log_metrics", log)
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags on the current run."""
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
-
-        def log() -> None:
+        with self._guard("set_tags"):
             for chunk in _chunks(items, _BATCH):
                 self._client.log_batch(run_id, tags=list(chunk), synchronous=True)
-
-        self._guarded("set_tags", log)
 
     # -------------------------------------------------------------- datasets
 
@@ -477,14 +463,14 @@ class Tracker:
         ``schema``: column -> type name (int64, string, binary, float32, ...); without it
         the preview's schema is recorded.
         """
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
         if not digest or len(digest) > _MAX_DIGEST:
             raise ValueError(f"digest must have 1 to {_MAX_DIGEST} characters; got {digest!r}")
         colspec = _mlflow_colspec(schema) if schema is not None else None
 
-        def log() -> None:
+        with self._guard(f"log_dataset {name!r}"):
             import mlflow.data
             import pandas as pd
 
@@ -508,41 +494,40 @@ class Tracker:
                 run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
             )
 
-        self._guarded(f"log_dataset {name!r}", log)
-
     # -------------------------------------------------------------- artifacts
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file or a directory to the current run's artifacts."""
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
         local = Path(path)
         if not local.exists():
             logger.warning("not logging artifact %s: it does not exist", local)
             return
-        if local.is_dir():
-            self._guarded(f"log_artifact {local.name!r}",
-                          lambda: self._client.log_artifacts(run_id, str(local), artifact_path))
-        else:
-            self._guarded(f"log_artifact {local.name!r}",
-                          lambda: self._client.log_artifact(run_id, str(local), artifact_path))
+        with self._guard(f"log_artifact {local.name!r}"):
+            if local.is_dir():
+                self._client.log_artifacts(run_id, str(local), artifact_path)
+            else:
+                self._client.log_artifact(run_id, str(local), artifact_path)
 
     def log_figure(self, fig: Figure, name: str) -> None:
         """Save a matplotlib figure as artifact ``name`` (e.g. ``figures/scores.png``), then close it."""
         try:
-            if self._enabled:
-                run_id = self._current()
-                self._guarded(f"log_figure {name!r}", lambda: self._client.log_figure(run_id, fig, name))
+            run_id = self._target()
+            if run_id is not None:
+                with self._guard(f"log_figure {name!r}"):
+                    self._client.log_figure(run_id, fig, name)
         finally:
             close_figure(fig)
 
     def log_dict(self, d: Mapping[str, Any], name: str) -> None:
         """Save a dict as a JSON or YAML artifact (by the extension of ``name``)."""
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return
-        run_id = self._current()
-        self._guarded(f"log_dict {name!r}", lambda: self._client.log_dict(run_id, dict(d), name))
+        with self._guard(f"log_dict {name!r}"):
+            self._client.log_dict(run_id, dict(d), name)
 
     # -------------------------------------------------------------- model registry
 
@@ -572,9 +557,9 @@ class Tracker:
 
         Not atomic: two jobs registering the same model at once may both see the old champion.
         """
-        if not self._enabled:
+        run_id = self._target()
+        if run_id is None:
             return None
-        run_id = self._current()
         value = float(metric_value)
         if math.isnan(value):
             raise ValueError(f"metric_value for {metric_name} is NaN")
@@ -582,7 +567,7 @@ class Tracker:
         version_tags[metric_name] = repr(value)
         requirements = list(pip_requirements) if pip_requirements is not None else _model_requirements()
 
-        def register() -> ModelRegistration:
+        with self._guard(f"register_model {name!r}"):
             import copy
 
             import mlflow.pytorch
@@ -614,8 +599,7 @@ class Tracker:
             logger.info("MLflow: registered %s version %d (%s=%g)%s", name, version, metric_name, value,
                         "; it is the champion" if becomes else f"; champion stays version {champion}")
             return ModelRegistration(version, becomes)
-
-        return self._guarded(f"register_model {name!r}", register)
+        return None
 
     def find_model_version(self, name: str, tag: str, value: str) -> int | None:
         """The registered version of ``name`` whose tag ``tag`` equals ``value``, if any.
@@ -624,13 +608,11 @@ class Tracker:
         """
         if not self._enabled:
             return None
-
-        def find() -> int | None:
+        with self._guard(f"find_model_version {name!r}"):
             versions = self._client.search_model_versions(f"name = '{name}'")
             matches = [int(v.version) for v in versions if v.tags.get(tag) == value]
             return max(matches) if matches else None
-
-        return self._guarded(f"find_model_version {name!r}", find)
+        return None
 
     def _beats(self, name: str, champion: Any, metric_name: str, value: float, higher_is_better: bool) -> bool:
         """Whether ``value`` strictly beats the champion version's ``metric_name`` tag."""
