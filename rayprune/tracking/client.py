@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,11 +35,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Dataset as DatasetEntity
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from rayprune.tracking import datasets
 from rayprune.tracking.figures import close_figure
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -67,24 +66,11 @@ SHORT_HTTP_POLICY: Mapping[str, str] = MappingProxyType({
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 })
 
-#: Column type names accepted in ``log_dataset(schema=...)`` -> MLflow column types.
-_SCHEMA_TYPES: Mapping[str, str] = MappingProxyType({
-    **dict.fromkeys(("int64", "long", "int"), "long"),
-    **dict.fromkeys(("int32", "integer", "int16", "int8", "uint8", "uint16"), "integer"),
-    **dict.fromkeys(("float64", "double"), "double"),
-    **dict.fromkeys(("float32", "float"), "float"),
-    **dict.fromkeys(("bool", "boolean"), "boolean"),
-    **dict.fromkeys(("string", "str", "large_string", "utf8", "object"), "string"),
-    **dict.fromkeys(("binary", "bytes", "large_binary"), "binary"),
-    **dict.fromkeys(("datetime", "timestamp", "timestamp[ns]", "timestamp[us]", "timestamp[ms]"), "datetime"),
-})
-
 #: Packages pinned in a registered model's requirements (MLflow's inference would find
 #: the same list but spends ~4 s per model in a subprocess).
 _MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "pandas", "torch", "rayprune")
 
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
-_MAX_DIGEST = 36  # MLflow's limit on a dataset digest
 _BATCH = 100  # params/tags per log_batch (MLflow allows 100 params, 1000 metrics)
 _MAX_ERROR_CHARS = 500
 
@@ -466,33 +452,12 @@ class Tracker:
         run_id = self._target()
         if run_id is None:
             return
-        if not digest or len(digest) > _MAX_DIGEST:
-            raise ValueError(f"digest must have 1 to {_MAX_DIGEST} characters; got {digest!r}")
-        colspec = _mlflow_colspec(schema) if schema is not None else None
-
+        datasets.check_digest(digest)
+        columns = datasets.column_specs(schema) if schema is not None else None
         with self._guard(f"log_dataset {name!r}"):
-            import mlflow.data
-            import pandas as pd
-
-            frame = preview if preview is not None else pd.DataFrame({"num_rows": [int(num_rows)]})
-            with warnings.catch_warnings():
-                # MLflow registers its local source twice and warns about the ambiguity.
-                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-                # ... and hints about integer columns in model signatures, irrelevant here.
-                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
-                dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-                entity = dataset._to_mlflow_entity()
-            entity = DatasetEntity(
-                name=entity.name,
-                digest=entity.digest,
-                source_type=entity.source_type,
-                source=entity.source,
-                schema=json.dumps({"mlflow_colspec": colspec}) if colspec is not None else entity.schema,
-                profile=json.dumps({"num_rows": int(num_rows), "preview_rows": len(frame)}),
-            )
-            self._client.log_inputs(
-                run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-            )
+            entry = datasets.dataset_input(name, digest=digest, source=source, context=context, num_rows=num_rows,
+                                           columns=columns, preview=preview)
+            self._client.log_inputs(run_id, datasets=[entry])
 
     # -------------------------------------------------------------- artifacts
 
@@ -626,15 +591,3 @@ class Tracker:
         if math.isnan(best):
             return True
         return value > best if higher_is_better else value < best
-
-
-def _mlflow_colspec(schema: Mapping[str, str]) -> list[dict[str, Any]]:
-    out = []
-    for column, typ in schema.items():
-        mlflow_type = _SCHEMA_TYPES.get(str(typ).lower())
-        if mlflow_type is None:
-            raise ValueError(
-                f"schema column {column!r} has type {typ!r}; allowed: {', '.join(sorted(_SCHEMA_TYPES))}"
-            )
-        out.append({"type": mlflow_type, "name": str(column), "required": True})
-    return out
