@@ -1,12 +1,9 @@
 """Record a rayprune job in MLflow (driver only): runs, datasets, figures, registered models."""
 
 from rayprune.tracking.client import (
-    CANDIDATE_ALIAS,
-    CHAMPION_ALIAS,
     DEFAULT_EXPERIMENT,
     RUN_STATUSES,
     SHORT_HTTP_POLICY,
-    ModelRegistration,
     Tracker,
     TrackingError,
     default_tracking_uri,
@@ -18,6 +15,11 @@ from rayprune.tracking.figures import (
     figure_curves,
     figure_scatter,
     figure_score_distributions,
+)
+from rayprune.tracking.registry import (
+    CANDIDATE_ALIAS,
+    CHAMPION_ALIAS,
+    ModelRegistration,
 )
 
 __all__ = [

@@ -21,7 +21,6 @@ Design:
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
@@ -31,16 +30,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from rayprune.tracking import datasets
+from rayprune.tracking import datasets, registry
 from rayprune.tracking.figures import close_figure
+from rayprune.tracking.registry import ModelRegistration
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -53,8 +52,6 @@ logger = logging.getLogger("rayprune.tracking")  # one logger for the package
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "rayprune"
-CANDIDATE_ALIAS = "candidate"
-CHAMPION_ALIAS = "champion"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 #: MLflow HTTP settings used for non-strict trackers (unless set in the environment):
@@ -66,10 +63,6 @@ SHORT_HTTP_POLICY: Mapping[str, str] = MappingProxyType({
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 })
 
-#: Packages pinned in a registered model's requirements (MLflow's inference would find
-#: the same list but spends ~4 s per model in a subprocess).
-_MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "pandas", "torch", "rayprune")
-
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 _BATCH = 100  # params/tags per log_batch (MLflow allows 100 params, 1000 metrics)
 _MAX_ERROR_CHARS = 500
@@ -77,13 +70,6 @@ _MAX_ERROR_CHARS = 500
 
 class TrackingError(RuntimeError):
     """An MLflow call failed and the tracker is strict; the message names the URI."""
-
-
-class ModelRegistration(NamedTuple):
-    """What :meth:`Tracker.register_model` created: the version and whether it is champion."""
-
-    version: int
-    is_champion: bool
 
 
 # ------------------------------------------------------------------------ helpers
@@ -152,43 +138,6 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
-
-
-@contextmanager
-def _global_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking and registry URI at ``uri``, then restore both.
-
-    Needed only around ``mlflow.pytorch.log_model``, which has no URI argument. MLflow's own
-    ``_use_tracking_uri`` would unset a user's MLFLOW_TRACKING_URI on exit, hence this.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
-    saved_registry = getattr(registry_utils, "_registry_uri", None)
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None = unset
-        registry_utils._registry_uri = saved_registry
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _model_requirements() -> list[str]:
-    reqs = []
-    for dist in _MODEL_REQUIREMENTS:
-        try:
-            reqs.append(f"{dist}=={importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return reqs
 
 
 # ------------------------------------------------------------------------ Tracker
@@ -513,12 +462,11 @@ class Tracker:
         The version gets ``tags`` plus ``metric_name=metric_value`` and alias ``candidate``.
         Alias ``champion`` moves to it when the model has no champion yet or the new
         metric strictly beats the champion's ``metric_name`` tag (ties keep the old one).
-        What is logged is an eval-mode CPU copy (MLflow runs the model on the example to
-        infer the signature, which would otherwise update BatchNorm statistics of a model in
-        train mode). It is pickled, so it loads back as the same nn.Module class and
-        ``rayprune`` must be importable where it is loaded; the signature comes from
-        ``input_example`` (a float32 batch). ``pip_requirements`` default: the installed
-        versions of mlflow, cloudpickle, numpy, pandas, torch and rayprune.
+        What is logged is a pickled eval-mode CPU copy, so it loads back as the same
+        nn.Module class and ``rayprune`` must be importable where it is loaded; the
+        signature comes from ``input_example`` (a float32 batch). ``pip_requirements``
+        default: the installed versions of mlflow, cloudpickle, numpy, pandas, torch and
+        rayprune.
 
         Not atomic: two jobs registering the same model at once may both see the old champion.
         """
@@ -530,39 +478,16 @@ class Tracker:
             raise ValueError(f"metric_value for {metric_name} is NaN")
         version_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         version_tags[metric_name] = repr(value)
-        requirements = list(pip_requirements) if pip_requirements is not None else _model_requirements()
+        if pip_requirements is None:
+            pip_requirements = registry.model_requirements()
 
         with self._guard(f"register_model {name!r}"):
-            import copy
-
-            import mlflow.pytorch
-            import numpy as np
-
-            snapshot = copy.deepcopy(model).cpu().eval()
-            example = np.ascontiguousarray(np.asarray(input_example, dtype=np.float32))
-            client = self._client
-            logged = client.create_logged_model(self._ensure_experiment(), name="model", source_run_id=run_id)
-            with _global_uris(self.uri):
-                info = mlflow.pytorch.log_model(
-                    snapshot,
-                    name="model",
-                    input_example=example,
-                    registered_model_name=name,
-                    serialization_format="pickle",
-                    pip_requirements=requirements,
-                    model_id=logged.model_id,
-                    run_id=run_id,
-                )
-            version = int(info.registered_model_version)
-            for key, tag_value in version_tags.items():
-                client.set_model_version_tag(name, str(version), key, tag_value)
-            client.set_registered_model_alias(name, CANDIDATE_ALIAS, str(version))
-            champion = client.get_registered_model(name).aliases.get(CHAMPION_ALIAS)
-            becomes = champion is None or self._beats(name, champion, metric_name, value, higher_is_better)
-            if becomes:
-                client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
-            logger.info("MLflow: registered %s version %d (%s=%g)%s", name, version, metric_name, value,
-                        "; it is the champion" if becomes else f"; champion stays version {champion}")
+            version = registry.log_model_version(
+                self._client, self.uri, self._ensure_experiment(), run_id, model,
+                name=name, input_example=input_example, pip_requirements=pip_requirements,
+            )
+            becomes = registry.tag_and_promote(self._client, name, version, version_tags, metric_name, value,
+                                               higher_is_better)
             return ModelRegistration(version, becomes)
         return None
 
@@ -574,20 +499,5 @@ class Tracker:
         if not self._enabled:
             return None
         with self._guard(f"find_model_version {name!r}"):
-            versions = self._client.search_model_versions(f"name = '{name}'")
-            matches = [int(v.version) for v in versions if v.tags.get(tag) == value]
-            return max(matches) if matches else None
+            return registry.find_version(self._client, name, tag, value)
         return None
-
-    def _beats(self, name: str, champion: Any, metric_name: str, value: float, higher_is_better: bool) -> bool:
-        """Whether ``value`` strictly beats the champion version's ``metric_name`` tag."""
-        current = self._client.get_model_version(name, str(champion)).tags.get(metric_name)
-        try:
-            best = float(current)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            logger.warning("champion version %s of %s has no numeric %s tag (%r); it stays champion",
-                           champion, name, metric_name, current)
-            return False
-        if math.isnan(best):
-            return True
-        return value > best if higher_is_better else value < best
