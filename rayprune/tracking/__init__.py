@@ -1,4 +1,10 @@
-"""Record a rayprune job in MLflow (driver only): runs, datasets, figures, registered models."""
+"""Record a rayprune job in MLflow: runs, datasets, figures, registered models.
+
+Driver only: Ray Data actors and training workers must not import it (SQLite allows one
+writer). ``client`` holds the Tracker; ``datasets`` and ``registry`` build what it sends for
+datasets and models; ``figures`` is matplotlib only; ``job`` is what the pipeline records
+after each stage (import it as ``rayprune.tracking.job``; this module does not).
+"""
 
 from rayprune.tracking.client import (
     DEFAULT_EXPERIMENT,

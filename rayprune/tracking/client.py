@@ -1,22 +1,11 @@
-"""Record a rayprune job in MLflow: one parent run, a child run per stage, datasets,
-artifacts, figures and registered models.
+"""The Tracker: a job's MLflow runs (a parent, a child per stage), params, metrics, tags, artifacts.
 
-Only the driver (or Ray Train rank 0) may use this module; Ray Data actors and training
-workers must not import it (SQLite allows one writer, and tracking is the driver's job).
-
-Design:
-
-* Every call goes to an explicit run id through ``MlflowClient``, so MLflow's global
-  active-run stack is never touched and two ``Tracker`` objects cannot leak runs into
-  each other. The one exception is ``mlflow.pytorch.log_model``, which only reads the
-  global tracking/registry URI: it runs inside a scope that sets them to this tracker's
-  URI and restores them (and their environment variables) afterwards.
-* Every MLflow call goes through one guard (:meth:`Tracker._guard`). Tracking must not
-  kill a long pruning job: when not strict, the first failure logs one warning and turns
-  tracking off for the rest of the job. When strict, it raises :class:`TrackingError`.
-* When not strict, MLflow's HTTP retry policy (7 retries with exponential backoff, about
-  4 minutes against a dead server) is shortened to :data:`SHORT_HTTP_POLICY` for the
-  duration of each call, in this process only; variables the user set explicitly win.
+Driver only (or Ray Train rank 0): SQLite allows one writer, and tracking is the driver's job.
+Every call names its run through an explicit ``MlflowClient``, so MLflow's active-run stack
+is never used and two trackers cannot leak runs into each other. Every MLflow call runs in
+one guard (:meth:`Tracker._guard`), because tracking must not kill a long pruning job: unless
+strict, the first failure warns once and turns tracking off, and MLflow's HTTP retries
+(about 4 minutes against a dead server) are cut to :data:`SHORT_HTTP_POLICY` for each call.
 """
 
 from __future__ import annotations
@@ -459,16 +448,13 @@ class Tracker:
     ) -> ModelRegistration | None:
         """Log ``model`` to the current run and register it as a new version of ``name``.
 
-        The version gets ``tags`` plus ``metric_name=metric_value`` and alias ``candidate``.
-        Alias ``champion`` moves to it when the model has no champion yet or the new
-        metric strictly beats the champion's ``metric_name`` tag (ties keep the old one).
-        What is logged is a pickled eval-mode CPU copy, so it loads back as the same
-        nn.Module class and ``rayprune`` must be importable where it is loaded; the
-        signature comes from ``input_example`` (a float32 batch). ``pip_requirements``
-        default: the installed versions of mlflow, cloudpickle, numpy, pandas, torch and
-        rayprune.
-
-        Not atomic: two jobs registering the same model at once may both see the old champion.
+        The version gets ``tags`` plus ``metric_name=metric_value``, alias ``candidate``, and
+        alias ``champion`` if it beats the champion's metric (see
+        :func:`~rayprune.tracking.registry.tag_and_promote`). What is logged is a pickled
+        eval-mode CPU copy: it loads back as the same nn.Module class, so ``rayprune`` must
+        be importable where it is loaded; the signature comes from ``input_example`` (a
+        float32 batch). ``pip_requirements`` default: the installed versions of mlflow,
+        cloudpickle, numpy, pandas, torch and rayprune.
         """
         run_id = self._target()
         if run_id is None:
