@@ -194,8 +194,8 @@ def run_pipeline(config: JobConfig) -> RunSummary:
     are touched. If the run fails, stages that started and cannot resume are removed
     (nothing half-written looks like progress) and the MLflow run records why.
     """
-    from rayprune.job_tracking import make_tracker
     from rayprune.preflight import preflight
+    from rayprune.tracking.job import make_tracker
 
     preflight(config)
     root = prepare_output_dir(config)
@@ -217,7 +217,6 @@ def run_pipeline(config: JobConfig) -> RunSummary:
 
 
 def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
-    from rayprune import job_tracking as jt
     from rayprune.data.pool import read_pool_info
     from rayprune.stages.evaluate import run_evaluate
     from rayprune.stages.extrapolate import run_extrapolate
@@ -226,6 +225,7 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     from rayprune.stages.resources import connect, plan_resources, request_cluster
     from rayprune.stages.score import run_score
     from rayprune.stages.select import run_select
+    from rayprune.tracking import job as jt
 
     summary = RunSummary(output_dir=str(root))
     connect(config.ray)

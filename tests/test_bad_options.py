@@ -115,7 +115,7 @@ def forbid_ray_and_mlflow(monkeypatch):
         raise AssertionError("a bad value got past the checks: the job started Ray or MLflow")
 
     monkeypatch.setattr("rayprune.stages.resources.connect", forbidden)
-    monkeypatch.setattr("rayprune.job_tracking.make_tracker", forbidden)
+    monkeypatch.setattr("rayprune.tracking.job.make_tracker", forbidden)
 
 
 def run_job(argv: list[str]) -> tuple[int, str]:

@@ -66,7 +66,7 @@ def no_ray_no_mlflow(monkeypatch):
         raise AssertionError("the job started Ray or MLflow for input that should have been refused")
 
     monkeypatch.setattr("rayprune.stages.resources.connect", forbidden)
-    monkeypatch.setattr("rayprune.job_tracking.make_tracker", forbidden)
+    monkeypatch.setattr("rayprune.tracking.job.make_tracker", forbidden)
 
 
 # ------------------------------------------------------------------- not a rayprune run

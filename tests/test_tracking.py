@@ -223,6 +223,37 @@ def test_figures_render():
         assert fig.get_axes()
 
 
+
+@pytest.mark.parametrize("before", ["nothing set", "variables", "set in this process"])
+def test_model_logging_scope_puts_back_the_global_uris(before, monkeypatch, tmp_path):
+    # mlflow.pytorch.log_model only reads the process-wide URIs; registration switches them
+    # for that call alone and must leave the caller's setting exactly as it was.
+    from rayprune.tracking.registry import _global_uris
+
+    ours, theirs, later = (f"sqlite:///{tmp_path / name}.db" for name in ("ours", "theirs", "later"))
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(key, "")  # so that monkeypatch restores the variable after the test
+        monkeypatch.delenv(key)
+        if before == "variables":
+            monkeypatch.setenv(key, theirs)
+    try:
+        if before == "set in this process":
+            mlflow.set_tracking_uri(theirs)
+            mlflow.set_registry_uri(theirs)
+        state = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+                 os.environ.get("MLFLOW_REGISTRY_URI"))
+        with _global_uris(ours):
+            assert mlflow.get_tracking_uri() == ours and mlflow.get_registry_uri() == ours
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+                os.environ.get("MLFLOW_REGISTRY_URI")) == state
+        # Whatever was in force still is: a variable set later wins only over a variable.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", later)
+        assert mlflow.get_tracking_uri() == (theirs if before == "set in this process" else later)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
 @pytest.mark.slow
 def test_real_mlflow_server(mlflow_server, tmp_path, monkeypatch, one_torch_thread):
     uri, artifacts = mlflow_server

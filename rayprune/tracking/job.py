@@ -1,8 +1,8 @@
 """What the job records in MLflow after each stage (driver only).
 
-Thin: it reads the small outputs the stages already wrote (metrics, a few columns of the
-scores table) and hands them to :class:`rayprune.tracking.Tracker`. Nothing here reads
-images or holds the pool.
+The one part of the package that knows the pipeline: it reads the small outputs the stages
+already wrote (metrics, a few columns of the scores table) and hands them to
+:class:`~rayprune.tracking.client.Tracker`. Nothing here reads images or holds the pool.
 """
 
 from __future__ import annotations
@@ -15,23 +15,29 @@ import pyarrow.dataset as pads
 
 from rayprune.config import JobConfig
 from rayprune.data.pool import SCHEMA, PoolInfo
+from rayprune.tracking.client import Tracker
+from rayprune.tracking.figures import (
+    figure_composition,
+    figure_curves,
+    figure_scatter,
+    figure_score_distributions,
+)
+from rayprune.tracking.registry import ModelRegistration
 
 logger = logging.getLogger(__name__)
 
 POOL_SCHEMA = {field.name: str(field.type) for field in SCHEMA}
 
 
-def make_tracker(config: JobConfig):
+def make_tracker(config: JobConfig) -> Tracker:
     """The job's tracker (a disabled one when ``tracking.enabled`` is false)."""
-    from rayprune.tracking import Tracker
-
     if not config.tracking.enabled:
         return Tracker.off()
     return Tracker(uri=config.tracking.uri or None, experiment=config.tracking.experiment,
                    strict=config.tracking.strict)
 
 
-def log_pool_dataset(tracker, name: str, info: PoolInfo, digest: str, source: Path, context: str) -> None:
+def log_pool_dataset(tracker: Tracker, name: str, info: PoolInfo, digest: str, source: Path, context: str) -> None:
     import pandas as pd
 
     preview = pd.DataFrame({"source": list(info.sources), "rows": list(info.sources.values())})
@@ -40,16 +46,14 @@ def log_pool_dataset(tracker, name: str, info: PoolInfo, digest: str, source: Pa
     tracker.log_metrics({"rows": info.num_rows})
 
 
-def log_history(tracker, history: list[dict], keys: tuple[str, ...]) -> None:
+def log_history(tracker: Tracker, history: list[dict], keys: tuple[str, ...]) -> None:
     """Per-epoch metrics, step = epoch."""
     for row in history:
         tracker.log_metrics({k: float(row[k]) for k in keys if k in row}, step=int(row["epoch"]))
 
 
-def log_scores(tracker, scores_dir: Path) -> None:
+def log_scores(tracker: Tracker, scores_dir: Path) -> None:
     """Score distributions (measured vs extrapolated) and the scores table itself."""
-    from rayprune.tracking import figure_score_distributions
-
     table = pads.dataset(str(scores_dir), format="parquet").to_table(columns=["score", "measured"])
     scores, measured = table["score"].to_numpy(), table["measured"].to_numpy()
     tracker.log_figure(figure_score_distributions(scores[measured], scores[~measured]), "score_distributions.png")
@@ -57,10 +61,8 @@ def log_scores(tracker, scores_dir: Path) -> None:
     tracker.log_artifact(scores_dir, "scores")
 
 
-def log_selection(tracker, kept_file: Path, scores_dir: Path) -> None:
+def log_selection(tracker: Tracker, kept_file: Path, scores_dir: Path) -> None:
     """Class and source composition before and after pruning, and the kept-id list."""
-    from rayprune.tracking import figure_composition
-
     before = pads.dataset(str(scores_dir), format="parquet").to_table(columns=["label", "source"])
     after = pads.dataset(str(kept_file), format="parquet").to_table(columns=["label", "source"])
     for column in ("label", "source"):
@@ -71,12 +73,10 @@ def log_selection(tracker, kept_file: Path, scores_dir: Path) -> None:
 
 def _counts(table, column: str) -> dict[str, int]:
     values, counts = np.unique(np.asarray(table[column].to_pylist()), return_counts=True)
-    return {str(k): int(v) for k, v in zip(values, counts)}
+    return {str(k): int(v) for k, v in zip(values, counts, strict=True)}
 
 
-def log_final(tracker, history: list[dict]) -> None:
-    from rayprune.tracking import figure_curves
-
+def log_final(tracker: Tracker, history: list[dict]) -> None:
     keys = ("loss", "lr", "train_adv_acc", "val_robust_acc")
     log_history(tracker, history, keys)
     if history:
@@ -84,15 +84,14 @@ def log_final(tracker, history: list[dict]) -> None:
         tracker.log_figure(figure_curves(curves, "epoch", "final training"), "final_training_curves.png")
 
 
-def register_final_model(tracker, config: JobConfig, model_file: Path, num_classes: int, image_shape, metrics: dict,
-                         tags: dict) -> object:
+def register_final_model(tracker: Tracker, config: JobConfig, model_file: Path, num_classes: int, image_shape,
+                         metrics: dict, tags: dict) -> ModelRegistration | None:
     """Log the EMA model with an input example and register it (candidate / champion).
 
     A rerun whose model was already registered (same ``model_digest`` tag) registers
     nothing new and returns that version.
     """
     from rayprune.stages.training import load_model_file
-    from rayprune.tracking import ModelRegistration
 
     name = config.tracking.registered_model
     existing = tracker.find_model_version(name, "model_digest", tags["model_digest"])
@@ -109,13 +108,11 @@ def register_final_model(tracker, config: JobConfig, model_file: Path, num_class
     )
 
 
-def log_probe(tracker, quality: dict, probe_file: Path | None) -> None:
+def log_probe(tracker: Tracker, quality: dict, probe_file: Path | None) -> None:
     """Probe quality of the chosen variant (metrics), all variants (JSON) and a scatter plot."""
     if not quality.get("chosen"):
         return
     import pyarrow.parquet as pq
-
-    from rayprune.tracking import figure_scatter
 
     tracker.log_metrics({k: v for k, v in quality["chosen"].items() if k.startswith("probe_")})
     tracker.log_dict(quality, "extrapolation_quality.json")
