@@ -105,8 +105,7 @@ def format_summary(summary) -> str:
     ]
     q = summary.extrapolation_quality
     if q:
-        lines.append(f"  probe quality    {q['probe_n']} held-out scored samples, k={q['k']} {q['weighting']} {q['metric']}"
-                     f"{' same-label' if q['same_label'] else ''}: Spearman {q['probe_spearman']:.3f}, "
+        lines.append(f"  probe quality    {q['probe_n']} held-out scored samples, {q['name']}: Spearman {q['probe_spearman']:.3f}, "
                      f"Pearson {q['probe_pearson']:.3f}, kept overlap {q['probe_kept_overlap']:.3f}")
         lines.append("                   (how well neighbours predict the subset run's own scores, not whether those"
                      " agree with a full-pool run)")

@@ -36,6 +36,8 @@ from rayprune.storage import is_uri
 SCORES = SCORE_NAMES
 SIGNALS = ("adv", "clean")
 STRATEGIES = ("score", "random")
+EXTRAPOLATION_MODELS = ("knn", "learned")
+LEARNED_SIGNALS = ("clean", "adv")
 # What a rerun does with committed stage results whose inputs changed (see stages.common).
 STALE_RESULTS = ("refuse", "archive", "delete")
 # A config file is a few kilobytes; anything this large is the wrong file (or endless).
@@ -176,6 +178,12 @@ class ExtrapolationSettings:
     variant (k, weighting, metric, same_label) with the best probe Spearman correlation.
     ``min_recall``: the ``approx`` and ``ivf`` methods widen their search (efSearch,
     nprobe) until recall@k against exact search reaches it on a sample of queries.
+    ``model``: ``knn`` (the published method: the mean score of the k nearest scored
+    samples, configured by k/weighting/metric/same_label) or ``learned`` (a regressor
+    from the subset model's view of each row plus k-NN estimates to the score; see
+    rayprune.scoring.learned). ``signals``: what the learned model sees of each row:
+    ``clean`` (from the embedding's own forward pass, free) or ``adv`` (also under the
+    training attack: one attack per pool row, counted in the compute budget).
     """
 
     k: int = bounded(12, ge=1, le=100_000)
@@ -186,6 +194,8 @@ class ExtrapolationSettings:
     probe_fraction: float = bounded(0.1, ge=0, lt=1)
     auto: bool = False
     min_recall: float = bounded(0.95, gt=0, le=1)
+    model: str = one_of("learned", EXTRAPOLATION_MODELS)
+    signals: str = one_of("clean", LEARNED_SIGNALS)
 
     def __post_init__(self) -> None:
         check_ranges(self, "extrapolation")

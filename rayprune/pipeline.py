@@ -66,14 +66,16 @@ def _stage(summary: RunSummary, tracker, stage: str):
 
 
 def compute_budget(config: JobConfig, scoring_steps: int, n_prunable: int, n_subset: int, n_pool_train: int,
-                   final_steps: int) -> dict[str, dict[str, int]]:
+                   final_steps: int, n_pool: int = 0) -> dict[str, dict[str, int]]:
     """Sample-gradient steps (forward+backward passes per sample) spent vs whole-pool runs.
 
     An attack of k steps costs k+1 passes per training sample; a recording pass costs k
     attack steps plus two forward passes per sample. "whole_pool" is the same recipe
     without extrapolation (every prunable sample recorded every epoch) and without
     pruning (one pass over the unpruned pool per final epoch: the data-proportional run
-    that pruning is meant to make cheaper).
+    that pruning is meant to make cheaper). ``pool_pass`` is what extrapolation adds: the
+    subset model's forward pass over the ``n_pool`` rows for their embeddings (and clean
+    signals), plus, for the learned model's ``adv`` signals, an attack on every row.
     """
     k = config.attack.steps
     scoring_train = scoring_steps * config.train.batch_size * (k + 1)
@@ -85,7 +87,13 @@ def compute_budget(config: JobConfig, scoring_steps: int, n_prunable: int, n_sub
         "scoring_recording": {"spent": recording * n_subset, "whole_pool": recording * n_prunable},
         "final_training": {"spent": final_steps * ft.batch_size * (k + 1),
                            "whole_pool": final_full if config.final.enabled else 0},
+        "pool_pass": {"spent": n_pool * (1 + (k + 1 if adv_pool_pass(config) else 0)), "whole_pool": 0},
     }
+
+
+def adv_pool_pass(config: JobConfig) -> bool:
+    """Whether the pool pass attacks every row (the learned extrapolator's ``adv`` signals)."""
+    return config.extrapolation.model == "learned" and config.extrapolation.signals == "adv"
 
 
 def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: int | None) -> str | None:
@@ -298,6 +306,7 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     summary.compute = compute_budget(
         config, score.training_steps, split.n_prunable, len(split.subset_ids),
         pool.info.num_rows - (final.n_val if final else 0), final.training_steps if final else 0,
+        n_pool=pool.info.num_rows,
     )
     summary.embedded_rows_per_node = extrap.rows_per_node
     summary.extrapolation_quality = extrap.quality.get("chosen") or {}

@@ -21,6 +21,7 @@ from rayprune.config import ConfigError, JobConfig
 from rayprune.errors import InputError
 from rayprune.data.pool import PoolError
 from rayprune.data.pool_check import check_pool
+from rayprune.scoring.learned import FOLDS as LEARNED_FOLDS
 from rayprune.scoring.quality import probe_size
 from rayprune.scoring.select import keep_budget, subset_size
 
@@ -49,6 +50,10 @@ def check_sizes(config: JobConfig, sources: dict[str, int], where: str) -> None:
             f"minus a probe of {n_subset - neighbours}); lower k, raise split.subset_fraction or lower "
             "extrapolation.probe_fraction"
         )
+    if e.model == "learned" and neighbours < 2 * LEARNED_FOLDS:
+        raise ConfigError(f"extrapolation.model learned needs at least {2 * LEARNED_FOLDS} scored samples to fit on; "
+                          f"the subset of {n_subset} minus a probe of {n_subset - neighbours} leaves {neighbours}: raise "
+                          "split.subset_fraction, or use extrapolation.model knn")
     if config.final.enabled:
         n_kept = n_pool - n_prunable + keep_budget(n_prunable, config.selection.keep_fraction)
         n_val = min(config.final.val_size, n_pool - n_prunable if n_pool > n_prunable else n_kept)

@@ -43,5 +43,12 @@ def test_compute_budget_counts_passes_per_sample():
     assert budget["scoring_training"] == {"spent": 60 * 10 * 4, "whole_pool": 60 * 10 * 4}
     assert budget["scoring_recording"] == {"spent": 12 * 5 * 100, "whole_pool": 12 * 5 * 1000}
     assert budget["final_training"] == {"spent": 40 * 10 * 4, "whole_pool": 4 * 200 * 10 * 4}
+    assert budget["pool_pass"] == {"spent": 0, "whole_pool": 0}  # no pool size given
+    budget = compute_budget(config, 60, 1000, 100, 2000, 40, n_pool=2100)
+    assert budget["pool_pass"] == {"spent": 2100, "whole_pool": 0}  # one forward pass per row (clean signals)
+    adv = load_config(None, {"attack.steps": "3", "extrapolation.signals": "adv"})
+    assert compute_budget(adv, 60, 1000, 100, 2000, 40, n_pool=2100)["pool_pass"]["spent"] == 2100 * (1 + 4)
+    knn = load_config(None, {"attack.steps": "3", "extrapolation.model": "knn", "extrapolation.signals": "adv"})
+    assert compute_budget(knn, 60, 1000, 100, 2000, 40, n_pool=2100)["pool_pass"]["spent"] == 2100
     assert final_steps_per_epoch(config, n_real=95, n_train=1000) == 10  # sized by the real part
     assert final_steps_per_epoch(config, n_real=0, n_train=1000) == 100  # no real part: the pool

@@ -33,7 +33,9 @@ def _overrides(cluster, out) -> dict:
     # 6000 rows in blocks of 128: enough blocks to spread, and a stream long enough to
     # remove a node while it runs. The simulated nodes share this machine's cores, so one
     # torch thread per embedding actor.
+    # kNN extrapolation here: the learned path is checked in test_pipeline.py, this keeps the kNN actors covered.
     return {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
+            "extrapolation.model": "knn",
             "ray.embed_threads": 1, "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
 
 

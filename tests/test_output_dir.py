@@ -124,7 +124,7 @@ def test_empty_and_missing_output_dirs_are_fine_and_get_the_run_marker(tmp_path)
 @pytest.mark.parametrize("option", ["pool.path", "evaluation.test_pool"])
 def test_output_dir_may_not_overlap_a_pool(tmp_path, capsys, no_ray_no_mlflow, where, option):
     pool = tmp_path / "data" / "pool"
-    write_demo_pool(DemoPoolSpec(n_real=40, n_synthetic=80, image_size=8, num_classes=3), pool)
+    write_demo_pool(DemoPoolSpec(n_real=40, n_synthetic=200, image_size=8, num_classes=3), pool)
     out = {"same": pool, "inside": pool / "out", "above": tmp_path / "data"}[where]
     before = tree_snapshot(tmp_path)
     flags = ["--pool.path", str(pool)] if option == "pool.path" else [

@@ -85,27 +85,42 @@ def test_pruned_pool_rows_are_identical_to_input_rows(job):
     assert source_rows.equals(pruned.select(source_rows.column_names))
 
 
-def test_extrapolated_scores_match_brute_force_from_saved_embeddings(job):
+def test_learned_scores_match_an_in_process_recomputation(job):
+    """The default (learned) extrapolation, recomputed without Ray: the subset model's
+    embeddings and clean signals of sampled pool rows from their raw images, brute-force
+    k-NN features from the saved references, and the regressor refitted on the
+    neighbours. The streamed scores must be its predictions."""
+    from rayprune.robust.recording import embed_with_signals
+    from rayprune.scoring.learned import cross_fitted_knn_features, feature_names, fit_score_model
+
     refs = pq.read_table(job["summary"].outputs["subset_embeddings"])
     probe_ids = pq.read_table(job["out"] / "extrapolate" / "probe.parquet")["id"].to_numpy()
     neighbours = ~np.isin(refs["id"].to_numpy(), probe_ids)  # the probe is not used as neighbours
-    ref_emb = np.stack(refs["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)[neighbours]
-    ref_scores = refs["score"].to_numpy()[neighbours]
+    ref_emb = np.stack(refs["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)[neighbours]
+    ref_scores, ref_labels = refs["score"].to_numpy()[neighbours], refs["label"].to_numpy()[neighbours]
     model = model_from_config(job["config"], 3, 3)
     model.load_state_dict(torch.load(job["summary"].outputs["subset_model"], weights_only=True))
-    model.eval()
-    rng = np.random.default_rng(0)
-    sample = rng.choice(np.flatnonzero(~job["scores"]["measured"].to_numpy()), 40, replace=False)
+    sample = np.random.default_rng(0).choice(np.flatnonzero(~job["scores"]["measured"].to_numpy()), 40, replace=False)
     rows = job["pool"].take(sample)
-    with torch.no_grad():
-        emb = model.embed(to_float_images(decode_images(rows["image"], (8, 8, 3)))).double().numpy()
-    dist = np.sqrt(((emb[:, None, :] - ref_emb[None]) ** 2).sum(-1))
-    nearest = np.argsort(dist, axis=1)[:, :5]
-    expected = ref_scores[nearest].mean(axis=1)
-    np.testing.assert_allclose(job["scores"]["score"].to_numpy()[sample], expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        job["scores"]["neighbour_distance"].to_numpy()[sample], np.take_along_axis(dist, nearest, 1).mean(1), rtol=1e-3
-    )
+    labels = rows["label"].to_numpy()
+    emb, signals = embed_with_signals(model, to_float_images(decode_images(rows["image"], (8, 8, 3))),
+                                      torch.as_tensor(labels))
+    # Brute-force k-NN features: mean score and distance of the k nearest (same-label: of that label).
+    dist = np.sqrt(((emb[:, None, :].astype(np.float64) - ref_emb[None].astype(np.float64)) ** 2).sum(-1))
+    features = dict(signals)
+    for suffix, allowed in (("", np.ones_like(dist, bool)), ("_sl", labels[:, None] == ref_labels[None])):
+        order = np.argsort(np.where(allowed, dist, np.inf), axis=1, kind="stable")
+        for k in (5, 12, 25):
+            kk = np.minimum(k, allowed.sum(1))[:, None]  # a class with fewer than k references uses them all
+            use = np.arange(25)[None] < kk
+            features[f"knn{k}{suffix}"] = (ref_scores[order[:, :25]] * use).sum(1) / kk[:, 0]
+            features[f"dist{k}{suffix}"] = (np.take_along_axis(dist, order[:, :25], 1) * use).sum(1) / kk[:, 0]
+    fit_columns = {name: refs[name].to_numpy()[neighbours] for name in signals}
+    fit_columns.update(cross_fitted_knn_features(ref_emb, ref_scores, ref_labels, seed=job["config"].split.seed))
+    refit = fit_score_model(fit_columns, ref_scores, feature_names(("clean",)), seed=job["config"].split.seed)
+    np.testing.assert_allclose(job["scores"]["score"].to_numpy()[sample], refit.predict(features), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(job["scores"]["neighbour_distance"].to_numpy()[sample], features["dist12"], rtol=1e-3)
 
 
 def test_rerun_skips_finished_stages_and_manifest(job):
@@ -239,13 +254,17 @@ def test_probe_quality_report_matches_direct_computation(job):
     probe = pq.read_table(job["out"] / "extrapolate" / "probe.parquet").to_pandas()
     assert len(probe) == 9  # 10% of the 90 scored samples
     np.testing.assert_allclose(probe["measured"], refs.loc[probe["id"], "score"])
-    # The probe's extrapolated scores: k=5 uniform neighbours among the other 81 references.
+    quality = json.loads((job["out"] / "extrapolate" / "quality.json").read_text())
+    chosen = quality["chosen"]
+    assert chosen["model"] == "learned" and quality["variants"][0] == chosen  # the default, measured first
+    # The configured kNN variant's probe entry: k=5 uniform neighbours among the other 81 references.
     others = refs.drop(index=probe["id"])
     emb = np.stack(others["embedding"].to_numpy()).astype(np.float64)
     q = np.stack(refs.loc[probe["id"], "embedding"].to_numpy()).astype(np.float64)
     nearest = np.argsort(((q[:, None] - emb[None]) ** 2).sum(-1), axis=1)[:, :5]
-    np.testing.assert_allclose(probe["extrapolated"], others["score"].to_numpy()[nearest].mean(1), rtol=1e-5)
-    chosen = json.loads((job["out"] / "extrapolate" / "quality.json").read_text())["chosen"]
+    knn = others["score"].to_numpy()[nearest].mean(1)
+    (entry,) = [v for v in quality["variants"] if v["name"] == "knn k=5 uniform euclidean"]
+    assert entry["probe_spearman"] == pytest.approx(stats.spearmanr(probe["measured"], knn)[0])
     assert chosen["probe_spearman"] == pytest.approx(stats.spearmanr(probe["measured"], probe["extrapolated"])[0])
     assert chosen["probe_pearson"] == pytest.approx(stats.pearsonr(probe["measured"], probe["extrapolated"])[0])
     k = round(0.4 * 9)

@@ -64,12 +64,38 @@ def record_predictions(
             for kind, inputs in (("clean", x), ("adv", x_adv)):
                 with torch.no_grad():
                     logits = model(inputs)
-                p, m = true_class_stats(logits, y)
-                err = (F.softmax(logits.float(), dim=1) - F.one_hot(y, logits.shape[1])).norm(dim=1)
-                out[f"p_{kind}"].append(p.cpu())
-                out[f"margin_{kind}"].append(m.cpu())
-                out[f"l2_error_{kind}"].append(err.cpu())
+                for name, values in prediction_signals(logits, y, kind).items():
+                    out[name].append(values.cpu())
     return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32) for f, v in out.items()})
+
+
+def prediction_signals(logits: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """``p_<kind>``, ``margin_<kind>`` and ``l2_error_<kind>`` (||softmax - onehot||) per sample."""
+    p, m = true_class_stats(logits, y)
+    err = (F.softmax(logits.float(), dim=1) - F.one_hot(y, logits.shape[1])).norm(dim=1)
+    return {f"p_{kind}": p, f"margin_{kind}": m, f"l2_error_{kind}": err}
+
+
+def embed_with_signals(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       attack: AttackConfig | None = None, *,
+                       generator: torch.Generator | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One batch's embeddings and the model's view of each sample, in eval mode.
+
+    The clean signals come from the same forward pass as the embedding; with ``attack``
+    (cross-entropy PGD, as the recording pass uses) the adversarial ones too, at the
+    attack's cost. Returns float32 ``(B, D)`` embeddings and float32 signal arrays.
+    """
+    device = next(model.parameters()).device
+    x, y = images.to(device), labels.to(device)
+    with temporary_mode(model, "eval"):
+        with torch.no_grad():
+            logits, emb = model.forward_with_embedding(x)
+        signals = prediction_signals(logits, y, "clean")
+        if attack is not None:
+            x_adv = pgd_attack(model, x, y, dataclasses.replace(attack, loss="ce"), generator=generator)
+            with torch.no_grad():
+                signals.update(prediction_signals(model(x_adv), y, "adv"))
+    return emb.float().cpu().numpy(), {k: v.float().cpu().numpy() for k, v in signals.items()}
 
 
 def compute_embeddings(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:

@@ -29,8 +29,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rayprune import storage
 from rayprune.config import ConfigError, JobConfig, to_dict
 from rayprune.data.pool import decode_images
+from rayprune.robust.recording import embed_with_signals
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrapolate_scores
+from rayprune.scoring.learned import KNN_KS, SIGNALS, cross_fitted_knn_features, feature_names, fit_score_model, knn_features
 from rayprune.scoring.neighbours import METRICS, SearchOptions, calibrate_search
 from rayprune.scoring.quality import probe_quality, split_probe
 from rayprune.scoring.scores import SCORE_DIRECTIONS
@@ -38,7 +40,7 @@ from rayprune.stages.common import fresh_dir, stage_for, swap_in, write_json_ato
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.score import ScoreResult
-from rayprune.stages.training import load_model_file, write_table_atomic
+from rayprune.stages.training import attack_from_config, load_model_file, write_table_atomic
 from rayprune.validation import check_finite_scores
 
 logger = logging.getLogger(__name__)
@@ -71,10 +73,12 @@ class NodeTally:
 
 
 class Embedder:
-    """Ray Data actor: pool rows -> penultimate-layer embeddings (model loaded once)."""
+    """Ray Data actor: pool rows -> penultimate-layer embeddings and the subset model's view
+    of each row (true-class probability, margin, L2 error; clean, and with ``attack`` also
+    adversarial), the model loaded once."""
 
     def __init__(self, job: dict, model_file: str, num_classes: int, image_shape: list, threads: int,
-                 use_gpu: bool, tally=None) -> None:
+                 use_gpu: bool, tally=None, attack=None) -> None:
         from rayprune.config import JobConfig, from_dict
 
         torch.set_num_threads(threads)
@@ -82,21 +86,23 @@ class Embedder:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model_file(config, model_file, num_classes, image_shape[2], self.device).eval()
         self.shape = tuple(image_shape)
+        self.attack = attack
         self.tally = tally[0] if tally else None
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         pixels = decode_images(batch["image"], self.shape, ids=batch["id"], origin="pool")
-        images = to_float_images(pixels).to(self.device)
-        with torch.inference_mode():
-            emb = self.model.embed(images).float().cpu().numpy()
+        # The attack's random start is seeded by the batch's first id: the same rows, the same inputs.
+        generator = torch.Generator(self.device).manual_seed(int(batch["id"][0])) if self.attack else None
+        emb, signals = embed_with_signals(self.model, to_float_images(pixels), torch.as_tensor(batch["label"]),
+                                          self.attack, generator=generator)
         if self.tally is not None:
             try:
                 ray.get(self.tally.add.remote(self.node, len(emb)))
             except ray.exceptions.RayActorError:  # bookkeeping only: never fail the stream for it
                 logger.warning("the per-node row tally is gone; rows per node will be incomplete")
                 self.tally = None
-        return {"id": batch["id"], "label": batch["label"], "source": batch["source"], "embedding": emb}
+        return {"id": batch["id"], "label": batch["label"], "source": batch["source"], "embedding": emb, **signals}
 
 
 class Extrapolator:
@@ -104,21 +110,32 @@ class Extrapolator:
 
     ``references`` are the neighbours (the scored subset minus the probe); ``measured``
     holds every scored id and score, so scored rows, probe included, keep their own score.
+    With ``score_model`` (the learned extrapolator) a row's score is the model's
+    prediction from its signals and k-NN features, found with ``extrapolation.search``;
+    the neighbour distance is then the mean distance to its 12 nearest references.
     """
 
-    def __init__(self, references: list, extrapolation: ExtrapolationConfig, threads: int) -> None:
+    def __init__(self, references: list, extrapolation: ExtrapolationConfig, threads: int,
+                 score_model: list | None = None) -> None:
         torch.set_num_threads(threads)
         self.refs = ray.get(references[0])
         self.config = extrapolation
+        self.model = ray.get(score_model[0]) if score_model else None
         self.index_cache: dict = {}  # the approx path's index, built on the first batch only
 
     def __call__(self, batch: dict) -> dict:
         ids = np.asarray(batch["id"])
-        result = extrapolate_scores(
-            self.refs["embedding"], self.refs["score"], np.asarray(batch["embedding"], dtype=np.float32), self.config,
-            reference_labels=self.refs["label"], query_labels=batch["label"], index_cache=self.index_cache,
-        )
-        scores, distance = result.scores.copy(), result.neighbour_distance.astype(np.float64)
+        emb = np.asarray(batch["embedding"], dtype=np.float32)
+        if self.model is None:
+            result = extrapolate_scores(self.refs["embedding"], self.refs["score"], emb, self.config,
+                                        reference_labels=self.refs["label"], query_labels=batch["label"],
+                                        index_cache=self.index_cache)
+            scores, distance = result.scores.copy(), result.neighbour_distance.astype(np.float64)
+        else:
+            columns = {name: np.asarray(batch[name]) for name in self.model.features if name in batch}
+            columns.update(knn_features(self.refs["embedding"], self.refs["score"], self.refs["label"], emb,
+                                        np.asarray(batch["label"]), self.config.search, index_cache=self.index_cache))
+            scores, distance = self.model.predict(columns), columns["dist12"].astype(np.float64)
         measured_ids, measured_scores = self.refs["measured_id"], self.refs["measured_score"]
         pos = np.searchsorted(measured_ids, ids).clip(0, len(measured_ids) - 1)
         measured = measured_ids[pos] == ids
@@ -166,9 +183,44 @@ def compare_variants(config: JobConfig, refs: dict, probe: np.ndarray) -> list[d
             reference_labels=neighbours["label"], query_labels=refs["label"][probe],
         )
         quality = probe_quality(refs["score"][probe], result.scores, config.selection.keep_fraction, higher)
-        results.append({"k": k, "weighting": w, "metric": m, "same_label": sl, **quality.as_dict(),
-                        "_extrapolated": result.scores})
+        results.append({"model": "knn", "name": knn_name(k, w, m, sl), "k": k, "weighting": w, "metric": m,
+                        "same_label": sl, **quality.as_dict(), "_extrapolated": result.scores})
     return results
+
+
+def knn_name(k: int, weighting: str, metric: str, same_label: bool) -> str:
+    return f"knn k={k} {weighting} {metric}{' same-label' if same_label else ''}"
+
+
+def signal_kinds(config: JobConfig) -> tuple[str, ...]:
+    """The one-pass signals the learned extrapolator uses (the embedding pass records them)."""
+    return ("clean",) if config.extrapolation.signals == "clean" else ("clean", "adv")
+
+
+def signal_columns(config: JobConfig) -> tuple[str, ...]:
+    return tuple(name for kind in signal_kinds(config) for name in SIGNALS[kind])
+
+
+def fit_learned(config: JobConfig, refs: dict, probe: np.ndarray):
+    """The learned extrapolator fitted on the neighbours (the scored subset minus the probe),
+    with cross-fitted k-NN features, and its probe quality entry (None without a probe)."""
+    neighbours = {k: v[~probe] for k, v in refs.items()}
+    features = feature_names(signal_kinds(config))
+    columns = {name: neighbours[name] for name in signal_columns(config)}
+    columns.update(cross_fitted_knn_features(neighbours["embedding"], neighbours["score"], neighbours["label"],
+                                             seed=config.split.seed))
+    model = fit_score_model(columns, neighbours["score"], features, seed=config.split.seed)
+    if not probe.any():
+        return model, None
+    probe_columns = {name: refs[name][probe] for name in signal_columns(config)}
+    probe_columns.update(knn_features(neighbours["embedding"], neighbours["score"], neighbours["label"],
+                                      refs["embedding"][probe], refs["label"][probe]))
+    predicted = model.predict(probe_columns)
+    quality = probe_quality(refs["score"][probe], predicted, config.selection.keep_fraction,
+                            SCORE_DIRECTIONS[config.scoring.score])
+    name = f"learned ({' + '.join(signal_kinds(config))} signals + kNN features)"
+    return model, {"model": "learned", "name": name, "signals": config.extrapolation.signals,
+                   **quality.as_dict(), "_extrapolated": predicted}
 
 
 @dataclass(frozen=True)
@@ -229,6 +281,8 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
         "job": to_dict(config), "model_file": str(model_file), "num_classes": info.num_classes,
         "image_shape": list(info.image_shape), "threads": plan.embed_threads,
         "use_gpu": plan.embed_gpus_per_actor > 0, "tally": [tally] if tally is not None else None,
+        "attack": attack_from_config(config) if "adv" in signal_kinds(config) and
+        config.extrapolation.model == "learned" else None,
     }
     # SPREAD places the actors on different nodes, so reads stay local and all nodes work.
     args = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": plan.embed_cpus_per_actor,
@@ -241,11 +295,13 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
 def embed_references(config, pool, split, score, plan) -> pa.Table:
     """Embeddings of the scored subset (id, label, embedding, score), sorted by id."""
     ds = embed_rows(ray.data.read_parquet(str(split.subset_dir)), config, pool.info, score.model_file, plan, 1)
-    ids, labels, embs = [], [], []
+    ids, labels, embs, signals = [], [], [], {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         ids.append(batch["id"])
         labels.append(batch["label"])
         embs.append(np.asarray(batch["embedding"], dtype=np.float32))
+        for name in (n for kind in SIGNALS.values() for n in kind if n in batch):
+            signals.setdefault(name, []).append(np.asarray(batch[name], dtype=np.float32))
     ids, labels, embs = np.concatenate(ids), np.concatenate(labels), np.concatenate(embs)
     order = np.argsort(ids)
     scores = pq.read_table(score.scores_file)
@@ -256,15 +312,19 @@ def embed_references(config, pool, split, score, plan) -> pa.Table:
         "id": ids[order], "label": labels[order],
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embs[order].reshape(-1)), dim),
         "score": scores["score"],
+        **{name: np.concatenate(parts)[order] for name, parts in signals.items()},
     })
 
 
 def read_references(path: Path) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
     dim = table.schema.field("embedding").type.list_size
+    signals = {name: table[name].to_numpy() for name in table.column_names
+               if name not in ("id", "label", "score", "embedding")}
     return {
         "id": table["id"].to_numpy(), "label": table["label"].to_numpy(), "score": table["score"].to_numpy(),
         "embedding": table["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim).astype(np.float32),
+        **signals,
     }
 
 
@@ -280,6 +340,43 @@ def check_neighbour_counts(config: JobConfig, neighbour_labels: np.ndarray) -> N
             raise ConfigError(f"extrapolation.same_label needs extrapolation.k={k} scored neighbours of every class; "
                               f"class {int(classes[counts.argmin()])} has {int(counts.min())}: lower k or turn "
                               "same_label off")
+
+
+def choose_extrapolator(config: JobConfig, refs: dict, probe: np.ndarray, probe_file: Path):
+    """The extrapolator to score the pool with, and the probe's quality report.
+
+    Returns (the kNN config to use, or for the learned model the config of its k-NN
+    feature search; the fitted learned model or None; the quality dict). Every kNN
+    variant of the grid and the learned model are measured on the probe; the configured
+    one is used, or with ``extrapolation.auto`` the one with the best probe Spearman.
+    The probe's extrapolated scores are written to ``probe_file``.
+    """
+    learned = config.extrapolation.model == "learned"
+    model, learned_entry = fit_learned(config, refs, probe) if learned or config.extrapolation.auto else (None, None)
+    n_neighbours = int((~probe).sum())
+    feature_search = ExtrapolationConfig(k=min(max(KNN_KS), n_neighbours),
+                                         search=SearchOptions(metric="euclidean", method=config.extrapolation.method))
+    if not probe.any():
+        quality = {"probe_n": 0, "variants": [], "chosen": None, "auto": config.extrapolation.auto}
+        return (feature_search if learned else extrapolation_config(config)), (model if learned else None), quality
+    variants = compare_variants(config, refs, probe)
+    if learned_entry is not None:
+        variants.insert(0 if learned else len(variants), learned_entry)
+    best = max(variants, key=lambda v: -np.inf if np.isnan(v["probe_spearman"]) else v["probe_spearman"])
+    pick = best if config.extrapolation.auto else variants[0]
+    write_table_atomic(pa.table({"id": refs["id"][probe], "measured": refs["score"][probe],
+                                 "extrapolated": pick["_extrapolated"]}), probe_file)
+    strip = lambda v: {k: x for k, x in v.items() if not k.startswith("_")}  # noqa: E731
+    quality = {"probe_n": int(probe.sum()), "variants": [strip(v) for v in variants], "chosen": strip(pick),
+               "auto": config.extrapolation.auto}
+    c = quality["chosen"]
+    logger.info("extrapolation quality on a probe of %d scored samples (%s): Spearman %.3f, Pearson %.3f, kept "
+                "overlap %.3f", c["probe_n"], c["name"], c["probe_spearman"], c["probe_pearson"],
+                c["probe_kept_overlap"])
+    if pick["model"] == "learned":
+        return feature_search, model, quality
+    return _variant_config(pick["k"], pick["weighting"], pick["metric"], pick["same_label"],
+                           config.extrapolation.method), None, quality
 
 
 def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score: ScoreResult, root: Path,
@@ -298,23 +395,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         refs = read_references(ref_file)
         probe = split_probe(len(refs["id"]), config.extrapolation.probe_fraction, config.split.seed)
         check_neighbour_counts(config, refs["label"][~probe])
-        chosen = extrapolation_config(config)
-        quality = {"probe_n": 0, "variants": [], "chosen": None}
-        if probe.any():
-            variants = compare_variants(config, refs, probe)
-            best = max(variants, key=lambda v: -np.inf if np.isnan(v["probe_spearman"]) else v["probe_spearman"])
-            pick = best if config.extrapolation.auto else variants[0]
-            chosen = _variant_config(pick["k"], pick["weighting"], pick["metric"], pick["same_label"],
-                                     config.extrapolation.method)
-            write_table_atomic(pa.table({"id": refs["id"][probe], "measured": refs["score"][probe],
-                                         "extrapolated": pick["_extrapolated"]}), stage.dir / PROBE_FILE)
-            strip = lambda v: {k: x for k, x in v.items() if not k.startswith("_")}  # noqa: E731
-            quality = {"probe_n": int(probe.sum()), "variants": [strip(v) for v in variants],
-                       "chosen": strip(pick), "auto": config.extrapolation.auto}
-            c = quality["chosen"]
-            logger.info("extrapolation quality on a probe of %d scored samples (k=%d, %s, %s, same_label=%s): "
-                        "Spearman %.3f, Pearson %.3f, kept overlap %.3f", c["probe_n"], c["k"], c["weighting"],
-                        c["metric"], c["same_label"], c["probe_spearman"], c["probe_pearson"], c["probe_kept_overlap"])
+        chosen, score_model, quality = choose_extrapolator(config, refs, probe, stage.dir / PROBE_FILE)
         chosen, calibration = calibrate_for(config, chosen, refs, probe)
         quality["search"] = calibration.as_dict()
         write_json_atomic(stage.dir / QUALITY_FILE, quality)
@@ -332,7 +413,8 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
                        score.model_file, plan, plan.embed_actors, tally, rechunk=True)
             .map_batches(Extrapolator,
                          fn_constructor_kwargs={"references": [refs_ref], "extrapolation": chosen,
-                                                "threads": plan.extrapolate_threads},
+                                                "threads": plan.extrapolate_threads,
+                                                "score_model": [ray.put(score_model)] if score_model else None},
                          compute=ray.data.ActorPoolStrategy(size=plan.extrapolate_actors),
                          num_cpus=plan.extrapolate_cpus_per_actor, batch_size=config.ray.inference_batch_size * 4,
                          batch_format="numpy", scheduling_strategy="SPREAD")
