@@ -118,7 +118,8 @@ def test_ray_benchmarks_run_and_write_well_formed_results(ray_suite_ci):
     assert set(results) == {"embedding", "training_step", "scaling", "end_to_end", "fidelity"}
     assert ray_suite_ci["preset"] == "ci" and ray_suite_ci["machine"]["cpus"] >= 1
     for name, res in results.items():
-        assert res["comparisons"], name
+        # Fidelity ratios need positive correlations, which the ci pool is too small to give.
+        assert res["comparisons"] or name == "fidelity", name
         for c in res["comparisons"]:
             assert math.isfinite(c["ratio"]) and c["baseline_value"] != 0, (name, c)
             assert c["met"] is None or c["met"] == (c["ratio"] >= c["target"]), (name, c)
@@ -140,8 +141,14 @@ def test_end_to_end_compute_matches_the_budget_formula(ray_suite_ci):
     assert rows["full"]["scored"] == p["pool.demo.n_synthetic"]  # every prunable sample scored
     assert rows["subset"]["scored"] == round(0.1 * p["pool.demo.n_synthetic"])
     assert rows["subset"]["training_passes"] == rows["full"]["training_passes"]  # the same step budget
+    assert rows["subset"]["pool_pass"] == rows["subset"]["pool"]  # one forward pass per row (clean signals)
     fidelity = next(r for r in ray_suite_ci["results"] if r["benchmark"] == "fidelity")
-    assert all(-1.0 <= row["spearman_vs_full"] <= 1.0 for row in fidelity["rows"])
+    for row in fidelity["rows"]:
+        for key in ("ceiling", "subset_own", "learned", "knn_default", "best_knn", "learned_probe", "knn_probe"):
+            assert -1.0 <= row[key] <= 1.0, (key, row)
+        assert row["best_knn"] >= row["knn_default"]  # the default is one of the variants
+        assert row["learned_probe_bias"] == pytest.approx(row["learned_probe"] - row["learned"])
+        assert row["n_rest"] == p["pool.demo.n_synthetic"] - rows["subset"]["scored"]
 
 
 @pytest.mark.slow
