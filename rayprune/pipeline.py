@@ -23,7 +23,7 @@ from pathlib import Path
 from rayprune import rundir
 from rayprune.config import JobConfig, flat_options, to_dict
 from rayprune.errors import InputError, one_line, user_error_message
-from rayprune.stages.common import digest, write_json_atomic
+from rayprune.stages.common import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class RunSummary:
 
 
 @contextmanager
-def _stage(summary: RunSummary, tracker, stage: str):
-    """Time a stage for the summary and give it a nested MLflow run; yields the run id."""
+def _stage(seconds: dict[str, float], tracker, stage: str):
+    """Time a stage (into ``seconds``) and give it a nested MLflow run; yields the run id."""
     start = time.perf_counter()
     logger.info("stage %s ...", stage)
     with tracker.stage(stage) as run_id:
         yield run_id
-    summary.stage_seconds[stage] = round(time.perf_counter() - start, 2)
-    logger.info("stage %s finished in %.1f s", stage, summary.stage_seconds[stage])
+    seconds[stage] = round(time.perf_counter() - start, 2)
+    logger.info("stage %s finished in %.1f s", stage, seconds[stage])
 
 
 def compute_budget(config: JobConfig, scoring_steps: int, n_prunable: int, n_subset: int, n_pool_train: int,
@@ -224,79 +224,89 @@ def run_pipeline(config: JobConfig) -> RunSummary:
     return summary
 
 
+@dataclass
+class StageResults:
+    """What the stages returned, for the summary, the manifest and publishing."""
+
+    plan: object = None
+    pool: object = None
+    split: object = None
+    score: object = None
+    extrap: object = None
+    selected: object = None
+    final: object = None
+    evaluation: object = None
+    registration: object = None
+    random_evaluation: object = None
+
+
 def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
-    from rayprune.data.pool import read_pool_info
+    """The stages in order, each timed in its own nested MLflow run; then the summary,
+    the manifest and (with ``publish_uri``) the published copy."""
     from rayprune.stages.evaluate import run_evaluate
     from rayprune.stages.extrapolate import run_extrapolate
-    from rayprune.stages.final import run_final, write_random_pool
+    from rayprune.stages.final import run_final
     from rayprune.stages.prepare import run_pool, run_split, run_test_pool
+    from rayprune.stages.random_baseline import run_random_baseline
+    from rayprune.stages.register import run_register
     from rayprune.stages.resources import connect, plan_resources, request_cluster
     from rayprune.stages.score import run_score
     from rayprune.stages.select import run_select
-    from rayprune.tracking import job as jt
+    from rayprune.tracking import job as record
 
-    summary = RunSummary(output_dir=str(root))
+    seconds: dict[str, float] = {}
+    r = StageResults()
     connect(config.ray)
     request_cluster(config.ray)
-    plan = plan_resources(config.ray)
-    with _stage(summary, tracker, "pool"):
-        pool = run_pool(config, root)
-        jt.log_pool_dataset(tracker, "pool", pool.info, pool.digest, pool.path, "pool")
-    with _stage(summary, tracker, "split"), _naming_unreadable_files(pool.path):
-        split = run_split(config, pool, root)
-        tracker.log_dataset("scored subset", digest=split.digest, source=str(split.subset_dir), context="scoring",
-                            num_rows=len(split.subset_ids), schema=jt.POOL_SCHEMA)
-    with _stage(summary, tracker, "score_subset") as scoring_run_id:
-        score = run_score(config, pool, split, root, plan)
-        jt.log_history(tracker, score.history, ("loss", "lr", "clean_acc", "adv_acc"))
-    with _stage(summary, tracker, "extrapolate"), _naming_unreadable_files(pool.path):
-        extrap = run_extrapolate(config, pool, split, score, root, plan)
-        jt.log_scores(tracker, extrap.scores_dir)
-        jt.log_probe(tracker, extrap.quality, extrap.probe_file)
-        search = extrap.quality.get("search") or {}
-        if search:
-            tracker.log_metrics({"search_recall": search["recall"]})
-            tracker.set_tags({"search_method": search["method"], "search_width": search["search_width"]})
-    with _stage(summary, tracker, "select"), _naming_unreadable_files(pool.path):
-        selected = run_select(config, pool, extrap, root)
-        jt.log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
-                            selected.pruned_pool, "training")
-        jt.log_selection(tracker, selected.kept_file, extrap.scores_dir)
-
-    final = evaluation = None
+    r.plan = plan = plan_resources(config.ray)
+    with _stage(seconds, tracker, "pool"):
+        r.pool = pool = run_pool(config, root)
+        record.record_pool(tracker, pool)
+    with _stage(seconds, tracker, "split"), _naming_unreadable_files(pool.path):
+        r.split = run_split(config, pool, root)
+        record.record_split(tracker, r.split)
+    with _stage(seconds, tracker, "score_subset") as scoring_run_id:
+        r.score = run_score(config, pool, r.split, root, plan)
+        record.record_score(tracker, r.score)
+    with _stage(seconds, tracker, "extrapolate"), _naming_unreadable_files(pool.path):
+        r.extrap = run_extrapolate(config, pool, r.split, r.score, root, plan)
+        record.record_extrapolate(tracker, r.extrap)
+    with _stage(seconds, tracker, "select"), _naming_unreadable_files(pool.path):
+        r.selected = run_select(config, pool, r.extrap, root)
+        record.record_select(tracker, r.selected, r.extrap)
     if config.final.enabled:
-        with _stage(summary, tracker, "final_train"):
-            final = run_final(config, pool, selected.pruned_pool, {"select": selected.digest}, root, plan)
-            jt.log_final(tracker, final.history)
-        with _stage(summary, tracker, "evaluate"):
+        with _stage(seconds, tracker, "final_train"):
+            r.final = run_final(config, pool, r.selected.pruned_pool, {"select": r.selected.digest}, root, plan)
+            record.log_final(tracker, r.final.history)
+        with _stage(seconds, tracker, "evaluate"):
             test = run_test_pool(config, root)
             with _naming_unreadable_files(test.path):
-                evaluation = run_evaluate(config, test, final.model_file, {"final_train": final.digest}, root, plan)
-            jt.log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
-            tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
-        with _stage(summary, tracker, "register"):
-            registration = jt.register_final_model(
-                tracker, config, final.model_file, pool.info.num_classes, pool.info.image_shape, evaluation.metrics,
-                tags={"model_digest": final.digest, "pruned_dataset_digest": selected.digest,
-                      "scoring_run_id": scoring_run_id or "",
-                      "config_digest": digest(to_dict(config)), "output_dir": str(root)},
-            )
-        summary.final_training_steps = final.training_steps
-        summary.final_best_epoch = final.best_epoch
-        summary.robust_metrics = evaluation.metrics
-        summary.registered_version = registration.version if registration else None
-        summary.outputs.update(final_model=str(final.model_file), evaluation=str(evaluation.per_sample_file))
+                r.evaluation = run_evaluate(config, test, r.final.model_file, {"final_train": r.final.digest}, root,
+                                            plan)
+            record.record_evaluate(tracker, test, r.evaluation)
+        with _stage(seconds, tracker, "register"):
+            r.registration = run_register(config, tracker, pool, r.selected, r.final, r.evaluation, scoring_run_id,
+                                          root)
         if config.final.compare_random:
-            with _stage(summary, tracker, "random_baseline"):
-                random_pool, random_digest = write_random_pool(config, pool, selected.kept, root)
-                random_final = run_final(config, pool, random_pool, {"random_baseline": random_digest}, root, plan,
-                                         name="final_train_random")
-                random_eval = run_evaluate(config, test, random_final.model_file,
-                                           {"final_train_random": random_final.digest}, root, plan,
-                                           name="evaluate_random")
-                tracker.log_metrics({f"test_{k}": v for k, v in random_eval.metrics.items()})
-            summary.random_baseline_metrics = random_eval.metrics
+            with _stage(seconds, tracker, "random_baseline"):
+                r.random_evaluation = run_random_baseline(config, pool, r.selected.kept, test, root, plan)
+                record.record_random_baseline(tracker, r.random_evaluation)
 
+    summary = build_summary(config, r, root, seconds)
+    manifest = build_manifest(config, summary, r, root)
+    write_json_atomic(root / "manifest.json", manifest)
+    if config.publish_uri:
+        publish_run(config, root, r, manifest)
+        tracker.set_tags({"published_uri": config.publish_uri})
+    record.record_job(tracker, summary)
+    tracker.log_artifact(root / "manifest.json")
+    return summary
+
+
+def build_summary(config: JobConfig, r: StageResults, root: Path, seconds: dict[str, float]) -> RunSummary:
+    """The job's summary from the stages' results (printed by the CLI, kept in the manifest)."""
+    pool, split, score, extrap, selected, final = r.pool, r.split, r.score, r.extrap, r.selected, r.final
+    summary = RunSummary(output_dir=str(root), stage_seconds=dict(seconds), published_uri=config.publish_uri)
     summary.pool_size = pool.info.num_rows
     summary.scored = len(split.subset_ids)
     summary.extrapolated = pool.info.num_rows - len(split.subset_ids)
@@ -315,6 +325,14 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
     if budget_warning:
         logger.warning(budget_warning)
         summary.warnings.append(budget_warning)
+    if final is not None:
+        summary.final_training_steps = final.training_steps
+        summary.final_best_epoch = final.best_epoch
+        summary.robust_metrics = r.evaluation.metrics
+        summary.registered_version = r.registration.version if r.registration else None
+        summary.outputs.update(final_model=str(final.model_file), evaluation=str(r.evaluation.per_sample_file))
+    if r.random_evaluation is not None:
+        summary.random_baseline_metrics = r.random_evaluation.metrics
     summary.outputs.update({
         "pool": str(pool.path),
         "scores": str(extrap.scores_dir),
@@ -324,30 +342,30 @@ def _run_stages(config: JobConfig, root: Path, tracker) -> RunSummary:
         "kept_ids": str(selected.kept_file),
         "pruned_pool": str(selected.pruned_pool),
     })
-    summary.published_uri = config.publish_uri
-    manifest = {
+    return summary
+
+
+def build_manifest(config: JobConfig, summary: RunSummary, r: StageResults, root: Path) -> dict:
+    """``manifest.json``: summary, resolved config, resource plan, digests and every stage's record."""
+    return {
         "summary": asdict(summary),
         "config": to_dict(config),
-        "resources": asdict(plan),
-        "digests": {"pool": pool.digest, "split": split.digest, "score": score.digest,
-                    "extrapolate": extrap.digest, "select": selected.digest},
-        "final_history": final.history if final else [],
+        "resources": asdict(r.plan),
+        "digests": {"pool": r.pool.digest, "split": r.split.digest, "score": r.score.digest,
+                    "extrapolate": r.extrap.digest, "select": r.selected.digest},
+        "final_history": r.final.history if r.final else [],
         "stages": {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/_COMMITTED.json"))},
     }
-    write_json_atomic(root / "manifest.json", manifest)
-    if config.publish_uri:
-        from rayprune.storage import publish
 
-        try:
-            publish(root, config.publish_uri, publish_products(root, score, extrap, selected, final, evaluation))
-        except BaseException:
-            manifest["summary"]["published_uri"] = ""  # the local manifest never claims a failed publish
-            write_json_atomic(root / "manifest.json", manifest)
-            raise
-        tracker.set_tags({"published_uri": config.publish_uri})
-    tracker.log_metrics({"pool_size": summary.pool_size, "scored": summary.scored, "kept": summary.kept,
-                         **{f"sample_gradient_steps_{k}": v["spent"] for k, v in summary.compute.items()},
-                         **{f"sample_gradient_steps_{k}_whole_pool": v["whole_pool"] for k, v in summary.compute.items()},
-                         **{f"stage_seconds_{k}": v for k, v in summary.stage_seconds.items()}})
-    tracker.log_artifact(root / "manifest.json")
-    return summary
+
+def publish_run(config: JobConfig, root: Path, r: StageResults, manifest: dict) -> None:
+    """Copy the finished products to ``publish_uri``; a failed publish is never claimed."""
+    from rayprune.storage import publish
+
+    try:
+        publish(root, config.publish_uri, publish_products(root, r.score, r.extrap, r.selected, r.final,
+                                                           r.evaluation))
+    except BaseException:
+        manifest["summary"]["published_uri"] = ""  # the local manifest never claims a failed publish
+        write_json_atomic(root / "manifest.json", manifest)
+        raise

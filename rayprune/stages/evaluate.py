@@ -20,7 +20,7 @@ import ray
 import torch
 
 from rayprune import storage
-from rayprune.config import ConfigError, JobConfig, to_dict
+from rayprune.config import ConfigError, JobConfig
 from rayprune.data.pool import decode_images
 from rayprune.robust.evaluation import EvalConfig, robust_correct, summarize
 from rayprune.robust.training import to_float_images
@@ -43,11 +43,9 @@ def eval_config(config: JobConfig) -> EvalConfig:
 class Evaluator:
     """Ray actor: the final model, loaded once, evaluated on shards of the test set."""
 
-    def __init__(self, job: dict, model_file: str, num_classes: int, in_channels: int, threads: int) -> None:
-        from rayprune.config import JobConfig, from_dict
-
+    def __init__(self, config: JobConfig, model_file: str, num_classes: int, in_channels: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.config = from_dict(JobConfig, job)
+        self.config = config
         self.model = load_model_file(self.config, model_file, num_classes, in_channels).eval()
 
     def run(self, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -95,7 +93,7 @@ def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, trained_by:
         images = decode_images(table["image"], test.info.image_shape, ids=ids, origin=f"test pool {test.path}")
         n_actors, cpus = evaluator_layout(plan, len(ids), config.evaluation.actors)
         actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if plan.train_use_gpu else 0)(Evaluator)
-        actors = [actor_cls.remote(to_dict(config), str(model_file), test.info.num_classes,
+        actors = [actor_cls.remote(config, str(model_file), test.info.num_classes,
                                    test.info.image_shape[2], plan.threads(cpus)) for _ in range(n_actors)]
         logger.info("evaluating %d test samples on %d actor(s): %s", len(ids), n_actors, ", ".join(config.evaluation.attacks))
         shards = np.array_split(np.arange(len(ids)), n_actors)

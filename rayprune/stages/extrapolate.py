@@ -27,7 +27,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayprune import storage
-from rayprune.config import ConfigError, JobConfig, to_dict
+from rayprune.config import ConfigError, JobConfig
 from rayprune.data.pool import decode_images
 from rayprune.robust.recording import embed_with_signals
 from rayprune.robust.training import to_float_images
@@ -77,12 +77,9 @@ class Embedder:
     of each row (true-class probability, margin, L2 error; clean, and with ``attack`` also
     adversarial), the model loaded once."""
 
-    def __init__(self, job: dict, model_file: str, num_classes: int, image_shape: list, threads: int,
+    def __init__(self, config: JobConfig, model_file: str, num_classes: int, image_shape: list, threads: int,
                  use_gpu: bool, tally=None, attack=None) -> None:
-        from rayprune.config import JobConfig, from_dict
-
         torch.set_num_threads(threads)
-        config = from_dict(JobConfig, job)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model_file(config, model_file, num_classes, image_shape[2], self.device).eval()
         self.shape = tuple(image_shape)
@@ -278,7 +275,7 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
     if rechunk:
         ds = ds.repartition(target_num_rows_per_block=size)
     kwargs = {
-        "job": to_dict(config), "model_file": str(model_file), "num_classes": info.num_classes,
+        "config": config, "model_file": str(model_file), "num_classes": info.num_classes,
         "image_shape": list(info.image_shape), "threads": plan.embed_threads,
         "use_gpu": plan.embed_gpus_per_actor > 0, "tally": [tally] if tally is not None else None,
         "attack": attack_from_config(config) if "adv" in signal_kinds(config) and

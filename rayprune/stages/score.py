@@ -14,37 +14,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from rayprune.config import JobConfig, from_dict, to_dict
+from rayprune.config import JobConfig
 from rayprune.errors import InputError
-from rayprune.robust.ema import unwrap_model
 from rayprune.robust.loop import BatchStream, train_steps
 from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
-from rayprune.robust.training import to_float_images
 from rayprune.scoring.scores import score_from_histories
 from rayprune.stages.common import output_path, stage_for, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
 from rayprune.stages.training import (
-    attack_from_config,
-    check_resumed_model,
-    load_rows,
-    model_from_config,
-    model_identity,
-    optimizer_from_config,
-    recipe_from_config,
+    TrainingSpec,
+    report_epoch,
+    resume,
     run_trainer,
     save_model_file,
-    shard_ids,
+    start_worker,
     write_table_atomic,
 )
 from rayprune.validation import check_finite_scores
@@ -72,78 +63,44 @@ def record_path(records_dir: Path, epoch: int, rank: int) -> Path:
     return records_dir / f"epoch_{epoch:04d}-rank_{rank:03d}.parquet"
 
 
-def scoring_loop(loop_config: dict) -> None:
-    """Ray Train worker function (runs on every worker)."""
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class ScoringSpec:
+    """The scoring run's workers' input: the shared training spec and where to write."""
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = from_dict(JobConfig, loop_config["job"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop_config["threads"])
-    device = ray.train.torch.get_device()
-    image_shape = tuple(loop_config["image_shape"])
-    records_dir = Path(loop_config["records_dir"])
+    training: TrainingSpec
+    records_dir: Path
+    model_file: Path
 
-    all_ids = pq.read_table(loop_config["subset_ids_file"])["id"].to_numpy()
-    ids, images_u8, labels_np, _ = load_rows(loop_config["subset_dir"], shard_ids(all_ids, rank, world), image_shape)
-    images = to_float_images(images_u8).to(device)
-    labels = torch.from_numpy(labels_np).to(device)
 
-    torch.manual_seed(config.train.seed)  # same initial weights on every rank
-    model = model_from_config(config, loop_config["num_classes"], image_shape[2])
-    model = ray.train.torch.prepare_model(model)
-    raw = unwrap_model(model)
-    optimizer = optimizer_from_config(raw, config.train)
-    per_epoch, epochs = loop_config["steps_per_epoch"], config.train.epochs
-    recipe = recipe_from_config(config.train, per_epoch)
-    attack = attack_from_config(config)
-    per_worker_batch = max(1, config.train.batch_size // world)
-    stream = BatchStream(len(ids), per_worker_batch, seed=config.train.seed * 1000 + rank)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
-        check_resumed_model(checkpoint.path, state.get("model_name"), state.get("world"), config, world)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        for _ in range(start_epoch * per_epoch):  # replay the batch stream to where it was
-            stream.next()
-
-    for epoch in range(start_epoch, epochs):
-        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + rank * 10_007 + epoch)
+def scoring_loop(spec: ScoringSpec) -> None:
+    """Ray Train worker function (runs on every worker): train, and record every epoch."""
+    w = start_worker(spec.training)
+    config, per_epoch, epochs = spec.training.config, spec.training.steps_per_epoch, spec.training.recipe.epochs
+    stream = BatchStream(len(w.ids), w.batch_size, seed=w.stream_seed)
+    saved = resume(w, stream)
+    for epoch in range(saved["epoch"] + 1 if saved else 0, epochs):
+        generator = w.generator(epoch)
         stats = train_steps(
-            model, optimizer, images, labels, stream, attack, recipe,
+            w.model, w.optimizer, w.images, w.labels, stream, w.attack, w.recipe,
             steps=per_epoch, first_step=epoch * per_epoch, total_steps=per_epoch * epochs, generator=generator,
         )
-        record = record_predictions(raw, images, labels, attack, generator=generator,
-                                    batch_size=loop_config["inference_batch_size"])
-        table = pa.table({"id": ids, **{f: getattr(record, f) for f in RECORDED_FIELDS}})
-        write_table_atomic(table, record_path(records_dir, epoch, rank))
+        record = record_predictions(w.raw, w.images, w.labels, w.attack, generator=generator,
+                                    batch_size=config.ray.inference_batch_size)
+        table = pa.table({"id": w.ids, **{f: getattr(record, f) for f in RECORDED_FIELDS}})
+        write_table_atomic(table, record_path(spec.records_dir, epoch, w.rank))
         metrics = {
             "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
             "clean_acc": float((record.margin_clean > 0).mean()), "adv_acc": float((record.margin_adv > 0).mean()),
         }
-        if rank == 0:
+        if w.rank == 0:
             logger.info(
                 "scoring epoch %d/%d: loss %.3f, lr %.4f, shard clean acc %.3f, adv acc %.3f",
                 epoch + 1, epochs, metrics["loss"], metrics["lr"], metrics["clean_acc"], metrics["adv_acc"],
             )
-            write_json_atomic(records_dir / f"metrics_{epoch:04d}.json", metrics)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "world": world, "model_name": config.model.name}, os.path.join(d, "state.pt"))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
-    if rank == 0:
-        identity = model_identity(config.model.name, config.model.width, loop_config["num_classes"], image_shape[2])
-        save_model_file(raw.state_dict(), loop_config["model_file"], identity)
+            write_json_atomic(spec.records_dir / f"metrics_{epoch:04d}.json", metrics)
+        report_epoch(w, epoch, metrics)
+    if w.rank == 0:
+        save_model_file(w.raw.state_dict(), spec.model_file, spec.training.identity)
 
 
 def read_epoch_metrics(records_dir: Path, epochs: int) -> list[dict]:
@@ -215,19 +172,13 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             "scoring run: %d subset samples on %d worker(s), %d epochs x %d steps of global batch %d",
             len(split.subset_ids), plan.train_workers, config.train.epochs, per_epoch, config.train.batch_size,
         )
-        loop_config = {
-            "job": to_dict(config),
-            "threads": plan.threads(plan.train_cpus_per_worker),
-            "image_shape": list(pool.info.image_shape),
-            "num_classes": pool.info.num_classes,
-            "subset_dir": str(split.subset_dir),
-            "subset_ids_file": str(split.subset_dir.parent / "subset_ids.parquet"),
-            "records_dir": str(records_dir),
-            "model_file": str(model_file),
-            "steps_per_epoch": per_epoch,
-            "inference_batch_size": config.ray.inference_batch_size,
-        }
-        run_trainer(scoring_loop, loop_config, stage, plan, "scoring run", config.ray.storage_path)
+        spec = ScoringSpec(
+            TrainingSpec(config, config.train, str(split.subset_dir), np.sort(split.subset_ids),
+                         tuple(pool.info.image_shape), pool.info.num_classes, per_epoch,
+                         plan.threads(plan.train_cpus_per_worker)),
+            records_dir, model_file,
+        )
+        run_trainer(scoring_loop, spec, stage, plan, "scoring run", config.ray.storage_path)
         if not model_file.exists():
             raise RuntimeError("scoring run ended without saving the model")
         stage.commit({"training_steps": total_steps})

@@ -1,8 +1,11 @@
 """What the two Ray Train stages (scoring run, final training) share.
 
 Building the model, attack, optimiser and recipe from the config; each worker's fixed
-shard of ids and loading its rows; safe model-file loading; and running a TorchTrainer
-whose checkpoints live in the stage directory, so a rerun resumes.
+shard of ids and loading its rows; the worker's set-up, resume from the latest
+checkpoint and per-epoch checkpoint (:class:`TrainingSpec`, :func:`start_worker`,
+:func:`resume`, :func:`report_epoch`), so each stage keeps only its epoch body; safe
+model-file loading; and running a TorchTrainer whose checkpoints live in the stage
+directory, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import json
 import logging
 import os
 import pickle
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -181,7 +187,126 @@ def train_run_location(stage_dir: Path, input_digest: str, storage_path: str = "
     return name, os.path.abspath(storage_path), None
 
 
-def run_trainer(loop, loop_config: dict, stage: Stage, plan: ResourcePlan, what: str, storage_path: str = "") -> None:
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What every Ray Train worker of a stage gets: one typed, picklable value.
+
+    ``recipe`` is the training section it follows (``config.train`` for the scoring run,
+    ``config.final.train`` for the final training); ``rows`` the Parquet source of its rows
+    (a directory or a list of files); ``train_ids`` every id it trains on (each worker
+    takes its shard); ``steps_per_epoch`` the explicit budget.
+    """
+
+    config: JobConfig
+    recipe: TrainConfig
+    rows: str | tuple[str, ...]
+    train_ids: np.ndarray
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    steps_per_epoch: int
+    threads: int
+
+    @property
+    def source(self):
+        return list(self.rows) if isinstance(self.rows, tuple) else self.rows
+
+    @property
+    def identity(self) -> dict:
+        m = self.config.model
+        return model_identity(m.name, m.width, self.num_classes, self.image_shape[2])
+
+
+@dataclass
+class Worker:
+    """One training worker's state after :func:`start_worker`: its shard on the device and
+    the DDP-prepared model (``raw`` unwrapped), optimiser, recipe and training attack."""
+
+    spec: TrainingSpec
+    rank: int
+    world: int
+    device: Any
+    ids: np.ndarray
+    images: torch.Tensor
+    labels: torch.Tensor
+    sources: np.ndarray
+    model: Any
+    raw: Any
+    optimizer: Any
+    recipe: ATRecipe
+    attack: AttackConfig
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The epoch's seeded generator (distinct per rank and epoch): attacks and augmentation."""
+        return torch.Generator().manual_seed(self.spec.recipe.seed * 1_000_003 + self.rank * 10_007 + epoch)
+
+    @property
+    def batch_size(self) -> int:
+        return max(1, self.spec.recipe.batch_size // self.world)
+
+    @property
+    def stream_seed(self) -> int:
+        return self.spec.recipe.seed * 1000 + self.rank
+
+
+def start_worker(spec: TrainingSpec) -> Worker:
+    """Inside a Ray Train worker: threads, device, this rank's shard, and the model (same
+    initial weights on every rank) prepared for DDP with its optimiser."""
+    import ray.train
+    import ray.train.torch
+
+    from rayprune.robust.ema import unwrap_model
+    from rayprune.robust.training import to_float_images
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.threads)
+    device = ray.train.torch.get_device()
+    ids, images, labels, sources = load_rows(spec.source, shard_ids(spec.train_ids, rank, world), spec.image_shape)
+    torch.manual_seed(spec.recipe.seed)
+    model = ray.train.torch.prepare_model(model_from_config(spec.config, spec.num_classes, spec.image_shape[2]))
+    raw = unwrap_model(model)
+    return Worker(spec, rank, world, device, ids, to_float_images(images).to(device),
+                  torch.from_numpy(labels).to(device), sources, model, raw,
+                  optimizer_from_config(raw, spec.recipe), recipe_from_config(spec.recipe, spec.steps_per_epoch),
+                  attack_from_config(spec.config))
+
+
+def resume(worker: Worker, stream) -> dict | None:
+    """Load the latest checkpoint, if any, into the worker's model and optimiser, and replay
+    ``stream`` to where it was; returns the checkpoint's other entries (None: a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        saved = torch.load(os.path.join(d, "state.pt"), map_location=worker.device, weights_only=True)
+    check_resumed_model(checkpoint.path, saved.get("model_name"), saved.get("world"), worker.spec.config,
+                        worker.world)
+    worker.raw.load_state_dict(saved.pop("model"))
+    worker.optimizer.load_state_dict(saved.pop("optimizer"))
+    for _ in range((saved["epoch"] + 1) * worker.spec.steps_per_epoch):  # the batches already drawn
+        stream.next()
+    return saved
+
+
+def report_epoch(worker: Worker, epoch: int, metrics: dict, extra: dict | None = None) -> None:
+    """Report the epoch's metrics with a checkpoint (rank 0 writes it): model, optimiser,
+    epoch, and ``extra`` state the stage needs to resume (tensors, dicts or strings)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if worker.rank == 0:
+            torch.save({"model": worker.raw.state_dict(), "optimizer": worker.optimizer.state_dict(), "epoch": epoch,
+                        "world": worker.world, "model_name": worker.spec.config.model.name, **(extra or {})},
+                       os.path.join(d, "state.pt"))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def run_trainer(loop, loop_config, stage: Stage, plan: ResourcePlan, what: str, storage_path: str = "") -> None:
     """Run ``loop`` on the planned workers; checkpoints go where :func:`train_run_location` says.
 
     Rerunning with the same stage and inputs resumes from the latest checkpoint (Ray

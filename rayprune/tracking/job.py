@@ -84,6 +84,57 @@ def log_final(tracker: Tracker, history: list[dict]) -> None:
         tracker.log_figure(figure_curves(curves, "epoch", "final training"), "final_training_curves.png")
 
 
+# ---------------------------------------------------------------- one recorder per stage
+
+
+def record_pool(tracker: Tracker, pool) -> None:
+    log_pool_dataset(tracker, "pool", pool.info, pool.digest, pool.path, "pool")
+
+
+def record_split(tracker: Tracker, split) -> None:
+    tracker.log_dataset("scored subset", digest=split.digest, source=str(split.subset_dir), context="scoring",
+                        num_rows=len(split.subset_ids), schema=POOL_SCHEMA)
+
+
+def record_score(tracker: Tracker, score) -> None:
+    log_history(tracker, score.history, ("loss", "lr", "clean_acc", "adv_acc"))
+
+
+def record_extrapolate(tracker: Tracker, extrap) -> None:
+    log_scores(tracker, extrap.scores_dir)
+    log_probe(tracker, extrap.quality, extrap.probe_file)
+    search = extrap.quality.get("search") or {}
+    if search:
+        tracker.log_metrics({"search_recall": search["recall"]})
+        tracker.set_tags({"search_method": search["method"], "search_width": search["search_width"]})
+
+
+def record_select(tracker: Tracker, selected, extrap) -> None:
+    from rayprune.data.pool import read_pool_info
+
+    log_pool_dataset(tracker, "pruned pool", read_pool_info(selected.pruned_pool), selected.digest,
+                     selected.pruned_pool, "training")
+    log_selection(tracker, selected.kept_file, extrap.scores_dir)
+
+
+def record_evaluate(tracker: Tracker, test, evaluation) -> None:
+    log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
+    tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+
+
+def record_random_baseline(tracker: Tracker, evaluation) -> None:
+    tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+
+
+def record_job(tracker: Tracker, summary) -> None:
+    """The job's totals on the parent run: sizes, compute spent and wall time per stage."""
+    tracker.log_metrics({"pool_size": summary.pool_size, "scored": summary.scored, "kept": summary.kept,
+                         **{f"sample_gradient_steps_{k}": v["spent"] for k, v in summary.compute.items()},
+                         **{f"sample_gradient_steps_{k}_whole_pool": v["whole_pool"]
+                            for k, v in summary.compute.items()},
+                         **{f"stage_seconds_{k}": v for k, v in summary.stage_seconds.items()}})
+
+
 def register_final_model(tracker: Tracker, config: JobConfig, model_file: Path, num_classes: int, image_shape,
                          metrics: dict, tags: dict) -> ModelRegistration | None:
     """Log the EMA model with an input example and register it (candidate / champion).
