@@ -99,7 +99,7 @@ class WorkerMemorySampler:
                 self.peak_single = max(self.peak_single, max(sizes))
             time.sleep(self.interval)
 
-    def __enter__(self) -> "WorkerMemorySampler":
+    def __enter__(self) -> WorkerMemorySampler:
         if os.path.isdir("/proc"):
             self._thread.start()
         return self

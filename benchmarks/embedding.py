@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.common import demo_pool, local_ray, model_file
 from benchmarks.report import BenchResult, Comparison
-from rayprune.config import JobConfig, RayConfig
+from rayprune.config import JobConfig, RaySection
 from rayprune.data.pool import decode_images, pool_files, read_pool_info
 from rayprune.robust.training import to_float_images
 from rayprune.stages.training import load_model_file
@@ -89,7 +89,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 def run(preset: str, workdir: Path) -> BenchResult:
     p = PRESETS[preset]
-    config = JobConfig(ray=RayConfig())
+    config = JobConfig(ray=RaySection())
     pool_dir, info = demo_pool(workdir, p["rows"], p["image_size"])
     model_path = model_file(config, info, workdir / "model.pt")
     result = BenchResult("embedding", preset, {**p, "model": config.model.name, "batch": config.ray.inference_batch_size})

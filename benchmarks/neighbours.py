@@ -35,7 +35,7 @@ import torch
 from benchmarks.report import BenchResult, Comparison
 from rayprune.scoring import (
     ExtrapolationConfig,
-    SearchOptions,
+    SearchConfig,
     extrapolate_scores,
     knn_search,
 )
@@ -151,9 +151,10 @@ def calibrated(queries: np.ndarray, references: np.ndarray, k: int) -> dict[str,
     sample = queries[np.sort(rng.choice(len(queries), min(len(queries), CALIBRATION_QUERIES), replace=False))]
     out = {}
     for method in ("approx", "ivf"):
-        build_seconds, index = timed(lambda: approx_index(references, SearchOptions(method=method), k))
+        options = SearchConfig(method=method)
+        build_seconds, index = timed(lambda options=options: approx_index(references, options, k))
         start = time.perf_counter()
-        cal = calibrate_search(sample, references, k, SearchOptions(method=method), MIN_RECALL)
+        cal = calibrate_search(sample, references, k, options, MIN_RECALL)
         out[method] = {"calibration": cal, "index": index, "build_seconds": build_seconds,
                        "calibration_seconds": time.perf_counter() - start}
         if cal.options.method != "exact":
@@ -231,7 +232,7 @@ def measure(p: dict, queries: np.ndarray, references: np.ndarray, naive_n: int) 
     """Time every variant; returns best and per-round seconds, neighbour indices, naive rows
     and the approx index build and single-call times."""
     k, chunks = p["k"], p["chunks"]
-    exact = SearchOptions()
+    exact = SearchConfig()
     scores = np.random.default_rng(SEED + 1).random(len(references))
     config = ExtrapolationConfig(k=k, search=exact)
     approximate = calibrated(queries, references, k)
@@ -342,7 +343,7 @@ def check_results(queries: np.ndarray, references: np.ndarray, idx: dict, naive_
 
 def row_details(checks: dict, naive_subsampled: bool) -> dict[str, dict]:
     """Per-variant fields beyond the timings: settings and correctness checks."""
-    exact = SearchOptions()
+    exact = SearchConfig()
     return {
         "exact": {"query_block": exact.query_block, "reference_block": exact.reference_block},
         "faiss_flat": {"agrees_with_exact": checks["faiss"]["agrees"], **checks["faiss"]},

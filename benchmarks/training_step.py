@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import demo_pool, local_ray
 from benchmarks.report import BenchResult, Comparison
-from rayprune.config import JobConfig, RayConfig, TrainConfig
+from rayprune.config import JobConfig, RaySection, TrainSection
 from rayprune.data.pool import pool_files, read_pool_info
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,13 @@ def timed_steps(loop_config: dict) -> dict:
     from rayprune.config import from_dict
     from rayprune.robust.loop import BatchStream, train_steps
     from rayprune.robust.training import to_float_images
-    from rayprune.stages.training import (attack_from_config, load_rows, model_from_config, optimizer_from_config,
-                                          recipe_from_config)
+    from rayprune.stages.training import (
+        attack_from_config,
+        load_rows,
+        model_from_config,
+        optimizer_from_config,
+        recipe_from_config,
+    )
 
     config = from_dict(JobConfig, loop_config["job"])
     torch.set_num_threads(loop_config["threads"])
@@ -109,7 +114,7 @@ def run(preset: str, workdir: Path) -> BenchResult:
     from rayprune.config import to_dict
 
     p = PRESETS[preset]
-    config = JobConfig(train=TrainConfig(batch_size=p["batch_size"]), ray=RayConfig(train_workers=1))
+    config = JobConfig(train=TrainSection(batch_size=p["batch_size"]), ray=RaySection(train_workers=1))
     pool_dir, _ = demo_pool(workdir, p["rows"], p["image_size"])
     info = read_pool_info(pool_dir)
     loop_config = {"job": to_dict(config), "files": pool_files(pool_dir, info), "rows": info.num_rows,

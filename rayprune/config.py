@@ -45,7 +45,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolSection:
     """Where the pool comes from and which of its sources may be pruned.
 
     ``path``: a pool directory (see ``rayprune.data.pool``); empty = generate the demo
@@ -62,7 +62,7 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RaySection:
     """How the job uses the Ray cluster; 0 / "auto" values are sized from its resources.
 
     ``address``: empty = the ``RAY_ADDRESS`` environment variable if set (as under
@@ -93,7 +93,7 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitSection:
     """The randomly drawn subset of the prunable pool that the scoring run sees."""
 
     subset_fraction: float = bounded(0.2, gt=0, le=1)
@@ -104,7 +104,7 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelSection:
     name: str = one_of("small_cnn", MODEL_NAMES)
     width: int = bounded(32, ge=1, le=1024)
 
@@ -113,7 +113,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class AttackSettings:
+class AttackSection:
     """The training attack (also used by the recording pass). eps/step in [0,1] pixel units."""
 
     norm: str = one_of("linf", NORMS)
@@ -131,7 +131,7 @@ class AttackSettings:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainSection:
     """Adversarial-training recipe of the scoring run.
 
     ``steps_per_epoch``: optimiser steps per epoch; 0 sizes an epoch as one pass over the
@@ -160,7 +160,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringSection:
     """How recorded histories become scores."""
 
     score: str = one_of("dynamic_uncertainty", SCORES)
@@ -172,7 +172,7 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
-class ExtrapolationSettings:
+class ExtrapolationSection:
     """kNN extrapolation. ``probe_fraction`` of the scored subset is held out as a probe
     (not used as neighbours) to measure extrapolation quality; ``auto`` picks the
     variant (k, weighting, metric, same_label) with the best probe Spearman correlation.
@@ -204,7 +204,7 @@ class ExtrapolationSettings:
 
 
 @dataclass(frozen=True)
-class SelectionConfig:
+class SelectionSection:
     """``keep_fraction`` of the prunable samples survive; others are always kept."""
 
     keep_fraction: float = bounded(0.5, gt=0, le=1)
@@ -217,7 +217,7 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
-class FinalConfig:
+class FinalSection:
     """The robust model: adversarial training on the pruned pool (skip with enabled=false).
 
     ``train`` is the same recipe as the scoring run's, and its budget is explicit:
@@ -232,7 +232,7 @@ class FinalConfig:
     """
 
     enabled: bool = True
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     synthetic_fraction: float = bounded(0.8, ge=0, le=1, special=((-1, "no mixing"),))
     ema_decay: float = bounded(0.995, ge=0, lt=1)
     val_size: int = bounded(256, ge=0, le=COUNT_MAX)
@@ -245,7 +245,7 @@ class FinalConfig:
 
 
 @dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationSection:
     """Robust evaluation of the final model on a held-out test pool.
 
     ``test_pool``: a pool directory (e.g. CIFAR-10's test batch converted with
@@ -278,7 +278,7 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingSection:
     """MLflow: empty ``uri`` = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
     enabled: bool = True
@@ -303,18 +303,18 @@ class JobConfig:
     output_dir: str = "outputs/demo"
     publish_uri: str = ""
     stale_results: str = one_of("refuse", STALE_RESULTS)
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    attack: AttackSettings = field(default_factory=AttackSettings)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    extrapolation: ExtrapolationSettings = field(default_factory=ExtrapolationSettings)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    final: FinalConfig = field(default_factory=FinalConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    pool: PoolSection = field(default_factory=PoolSection)
+    split: SplitSection = field(default_factory=SplitSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    extrapolation: ExtrapolationSection = field(default_factory=ExtrapolationSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
+    final: FinalSection = field(default_factory=FinalSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    ray: RaySection = field(default_factory=RaySection)
 
     def __post_init__(self) -> None:
         check_ranges(self, "")

@@ -18,9 +18,9 @@ import pyarrow.fs as pafs
 
 from rayprune import rundir, storage
 from rayprune.config import ConfigError, JobConfig
-from rayprune.errors import InputError
 from rayprune.data.pool import PoolError
 from rayprune.data.pool_check import check_pool
+from rayprune.errors import InputError
 from rayprune.scoring.learned import FOLDS as LEARNED_FOLDS
 from rayprune.scoring.quality import probe_size
 from rayprune.scoring.select import keep_budget, subset_size

@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_small_cnn
 from torch import nn
 
 from rayprune.robust.apgd import (
@@ -20,8 +21,6 @@ from rayprune.robust.apgd import (
     dlr_loss,
     dlr_targeted_loss,
 )
-from conftest import fit_small_cnn
-
 from rayprune.robust.models import SmallCNN
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]

@@ -16,7 +16,6 @@ from rayprune.robust.at_losses import pgd_at_loss, trades_loss
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.models import SmallCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

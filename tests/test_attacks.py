@@ -9,12 +9,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_small_cnn
 from torch import nn
 
 from rayprune.robust.attacks import AttackConfig, attack_objective, l2_128_255, linf_8_255, pgd_attack
 from rayprune.robust.metrics import true_class_stats
-from conftest import fit_small_cnn
-
 from rayprune.robust.models import SmallCNN
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from benchmarks.report import BenchResult, Comparison, main as report_main, markdown_table, read_json, write_json
+from benchmarks.report import BenchResult, Comparison, markdown_table, read_json, write_json
+from benchmarks.report import main as report_main
 from benchmarks.run import run_suite
 
 

@@ -66,7 +66,7 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 def test_every_option_is_a_flag_with_its_default_in_help():
     help_text = build_parser().format_help()
-    for key, (_, default) in flat_fields(JobConfig).items():
+    for key in flat_fields(JobConfig):
         assert f"--{key}" in help_text
     assert "(default: 0.5; a number in (0, 1])" in help_text  # selection.keep_fraction
 

@@ -21,7 +21,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from rayprune.cli import parse_config
-from rayprune.config import RayConfig
+from rayprune.config import RaySection
 from rayprune.stages.resources import plan_from_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_training_workers_fit_on_a_gpu_node_at_every_cluster_size():
         for n_cpu in range(sum(t["max_workers"] for t in cpu_types) + 1):
             cpu_node = max(t["resources"]["CPU"] for t in cpu_types) if n_cpu else 0
             total_cpus = n_gpu * gpu_cpus + n_cpu * cpu_node
-            plan = plan_from_resources(RayConfig(), total_cpus, n_gpu * node_gpus, max(gpu_cpus, cpu_node))
+            plan = plan_from_resources(RaySection(), total_cpus, n_gpu * node_gpus, max(gpu_cpus, cpu_node))
             assert plan.train_use_gpu and plan.train_workers == n_gpu * node_gpus
             assert plan.train_cpus_per_worker <= gpu_cpus, (n_gpu, n_cpu, plan)
 
@@ -539,7 +539,7 @@ def test_rayjob_cluster_has_a_cpu_head_a_gpu_group_and_a_cpu_group_that_fit_the_
     (gpu_cpus, pod_gpus, gpu_group) = gpu[0]
     total_cpus = sum(c * g["replicas"] for c, _, g in groups.values())
     total_gpus = pod_gpus * gpu_group["replicas"]
-    plan = plan_from_resources(RayConfig(), total_cpus, total_gpus, max(c for c, _, _ in groups.values()))
+    plan = plan_from_resources(RaySection(), total_cpus, total_gpus, max(c for c, _, _ in groups.values()))
     assert plan.train_use_gpu and plan.train_workers == total_gpus
     assert plan.train_cpus_per_worker <= gpu_cpus, plan
 

@@ -12,7 +12,6 @@ from torch import nn
 
 from rayprune.robust.ema import ModelEMA
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rayprune.scoring import ExtrapolationConfig, SearchOptions, extrapolate_scores, knn_search, neighbour_weights
+from rayprune.scoring import ExtrapolationConfig, SearchConfig, extrapolate_scores, knn_search, neighbour_weights
 from rayprune.scoring.neighbours import calibrate_search, recall_at_k
 
 
@@ -35,7 +35,7 @@ def test_exact_search_equals_brute_force(clouds, metric, blocks):
     queries, refs = clouds
     if metric == "cosine":
         queries, refs = queries - 50.0, refs - 50.0
-    options = SearchOptions(metric=metric, query_block=blocks[0], reference_block=blocks[1])
+    options = SearchConfig(metric=metric, query_block=blocks[0], reference_block=blocks[1])
     dist, idx = knn_search(queries, refs, 12, options)
     ref_dist, ref_idx = brute_force_knn(queries, refs, 12, metric)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -57,7 +57,7 @@ def test_same_label_search_equals_brute_force_per_label(clouds):
 
 def test_approx_search_has_high_recall(clouds):
     queries, refs = clouds
-    _, idx = knn_search(queries, refs, 10, SearchOptions(method="approx"))
+    _, idx = knn_search(queries, refs, 10, SearchConfig(method="approx"))
     _, ref_idx = brute_force_knn(queries, refs, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref_idx)])
     assert recall >= 0.95
@@ -71,7 +71,7 @@ def test_ivf_search_has_high_recall_on_clustered_embeddings_and_true_distances()
     rng = np.random.default_rng(4)
     centres = rng.normal(scale=4.0, size=(20, 16))
     refs, queries = _clustered(4000, centres, rng), _clustered(500, centres, rng)
-    dist, idx = knn_search(queries, refs, 12, SearchOptions(method="ivf"))
+    dist, idx = knn_search(queries, refs, 12, SearchConfig(method="ivf"))
     ref_dist, ref_idx = brute_force_knn(queries, refs, 12)
     recall = np.mean([len(set(a) & set(b)) / 12 for a, b in zip(idx, ref_idx)])
     assert recall >= 0.95
@@ -88,7 +88,7 @@ def test_ivf_falls_back_to_exact_search_where_its_lists_hold_too_few_neighbours(
 
     rng = np.random.default_rng(5)
     refs, queries = rng.normal(size=(2000, 8)).astype(np.float32), rng.normal(size=(200, 8)).astype(np.float32)
-    options = SearchOptions(method="ivf", ivf_lists=50, ivf_probes=1)
+    options = SearchConfig(method="ivf", ivf_lists=50, ivf_probes=1)
     exact_rows = []
     real_exact = neighbours._exact_search
     monkeypatch.setattr(neighbours, "_exact_search",
@@ -103,12 +103,12 @@ def test_ivf_falls_back_to_exact_search_where_its_lists_hold_too_few_neighbours(
 def test_ivf_lists_follow_the_reference_count():
     from rayprune.scoring.neighbours import ivf_lists
 
-    assert ivf_lists(50_000, SearchOptions()) == 224  # about sqrt(n)
-    assert ivf_lists(1_000, SearchOptions()) == 25  # at most n / 39 training points a list
-    assert ivf_lists(10, SearchOptions()) == 1
-    assert ivf_lists(50_000, SearchOptions(ivf_lists=64)) == 64
+    assert ivf_lists(50_000, SearchConfig()) == 224  # about sqrt(n)
+    assert ivf_lists(1_000, SearchConfig()) == 25  # at most n / 39 training points a list
+    assert ivf_lists(10, SearchConfig()) == 1
+    assert ivf_lists(50_000, SearchConfig(ivf_lists=64)) == 64
     with pytest.raises(ValueError, match="ivf_lists must be an integer >= 0"):
-        SearchOptions(ivf_lists=-1)
+        SearchConfig(ivf_lists=-1)
 
 
 def test_uniform_extrapolation_is_mean_of_brute_force_neighbours(clouds):
@@ -176,7 +176,7 @@ def test_extrapolation_argument_errors(clouds):
     with pytest.raises(ValueError, match="k must be a positive integer"):
         ExtrapolationConfig(k=0)
     with pytest.raises(ValueError, match="unknown metric"):
-        SearchOptions(metric="manhattan")
+        SearchConfig(metric="manhattan")
     with pytest.raises(ValueError, match="same dims"):
         knn_search(queries[:, :5], refs, 3)
     with pytest.raises(ValueError, match="label 2"):
@@ -194,7 +194,7 @@ def test_approx_index_cache_builds_once_and_changes_nothing(monkeypatch, same_la
 
     rng = np.random.default_rng(3)
     refs, labels = rng.normal(size=(400, 8)).astype(np.float32), rng.integers(0, 3, 400)
-    options = neighbours.SearchOptions(method=method)
+    options = neighbours.SearchConfig(method=method)
     label_kw = {"reference_labels": labels} if same_label else {}
     builds = []
     real_build = neighbours.approx_index
@@ -243,7 +243,7 @@ def test_calibration_widens_the_search_until_an_independent_recall_check_passes(
     rng = np.random.default_rng(0)
     refs = rng.normal(size=(6000, 32)).astype(np.float32)
     queries = rng.normal(size=(300, 32)).astype(np.float32)
-    options = SearchOptions(method=method)
+    options = SearchConfig(method=method)
     truth = _brute_force_neighbours(queries, refs, 12)
     if method == "ivf":
         _, idx = knn_search(queries, refs, 12, options)
@@ -261,7 +261,7 @@ def test_calibration_on_the_references_themselves_leaves_each_query_out(any_spee
     rng = np.random.default_rng(1)
     refs = rng.normal(size=(3000, 16)).astype(np.float32)
     rows = np.arange(0, 3000, 15)
-    cal = calibrate_search(refs[rows], refs, 5, SearchOptions(method="ivf"), 0.9, self_index=rows)
+    cal = calibrate_search(refs[rows], refs, 5, SearchConfig(method="ivf"), 0.9, self_index=rows)
     assert cal.recall >= 0.9
     # The truth it measured against excludes the query itself: the 5 nearest *other* rows.
     others = _brute_force_neighbours(refs[rows], refs, 6)[:, 1:]
@@ -276,9 +276,9 @@ def test_calibration_falls_back_to_exact_search_when_no_width_is_enough(monkeypa
     monkeypatch.setattr(nb, "HNSW_EF_LADDER", (1,))
     rng = np.random.default_rng(2)
     refs = rng.normal(size=(4000, 32)).astype(np.float32)
-    cal = calibrate_search(refs[:100] + 0.01, refs, 20, SearchOptions(method="approx", hnsw_m=4), 1.0)
+    cal = calibrate_search(refs[:100] + 0.01, refs, 20, SearchConfig(method="approx", hnsw_m=4), 1.0)
     assert cal.options.method == "exact" and cal.recall == 1.0 and len(cal.tried) == 1 and cal.tried[0][1] < 1.0
-    assert calibrate_search(refs[:10], refs, 3, SearchOptions(), 0.99).options.method == "exact"
+    assert calibrate_search(refs[:10], refs, 3, SearchConfig(), 0.99).options.method == "exact"
 
 
 def test_same_label_calibration_measures_same_label_neighbours(any_speed):
@@ -286,7 +286,7 @@ def test_same_label_calibration_measures_same_label_neighbours(any_speed):
     refs = rng.normal(size=(4000, 16)).astype(np.float32)
     ref_labels = rng.integers(0, 3, 4000)
     queries, q_labels = rng.normal(size=(150, 16)).astype(np.float32), rng.integers(0, 3, 150)
-    cal = calibrate_search(queries, refs, 8, SearchOptions(method="ivf"), 0.97, query_labels=q_labels,
+    cal = calibrate_search(queries, refs, 8, SearchConfig(method="ivf"), 0.97, query_labels=q_labels,
                            reference_labels=ref_labels)
     _, found = knn_search(queries, refs, 8, cal.options, query_labels=q_labels, reference_labels=ref_labels)
     truth = np.stack([np.flatnonzero(ref_labels == lab)[_brute_force_neighbours(q[None], refs[ref_labels == lab], 8)[0]]
@@ -320,6 +320,6 @@ def test_exact_search_is_used_when_the_approximate_one_is_not_faster(monkeypatch
     monkeypatch.setattr(nb, "MIN_SPEEDUP", 1e9)  # no search can be that much faster
     rng = np.random.default_rng(5)
     refs = rng.normal(size=(3000, 16)).astype(np.float32)
-    cal = calibrate_search(refs[:200] + 0.01, refs, 5, SearchOptions(method="ivf"), 0.9)
+    cal = calibrate_search(refs[:200] + 0.01, refs, 5, SearchConfig(method="ivf"), 0.9)
     assert cal.options.method == "exact" and cal.recall == 1.0 and cal.tried[-1][1] >= 0.9
     assert cal.speedup is not None and "exact search was faster" in cal.note

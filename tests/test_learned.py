@@ -62,7 +62,7 @@ def test_cross_fitted_features_never_see_their_own_score(data):
         assert after[name][17] == before[name][17]  # row 17's own features ignore its score
     folds = fold_ids(len(scores), 10, 3)
     others = np.flatnonzero(folds != folds[17])
-    assert any((after["knn5"][others] != before["knn5"][others]))  # while it is a neighbour of other folds
+    assert any(after["knn5"][others] != before["knn5"][others])  # while it is a neighbour of other folds
 
 
 def test_the_fitted_model_ranks_held_out_rows_and_returns_the_measured_scale():

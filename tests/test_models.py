@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -17,7 +16,6 @@ from rayprune.robust.models import (
     build_model,
     count_parameters,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -156,7 +154,7 @@ def _param_count_formula_wrn(depth: int, width: int, num_classes: int) -> int:
     total = 3 * 16 * 9  # stem conv
     cin = 16
     for cout in widths[1:]:
-        for i in range(n):
+        for _ in range(n):
             total += 2 * cin  # bn1
             total += cin * cout * 9  # conv1
             total += 2 * cout  # bn2

@@ -58,11 +58,11 @@ def test_pool_blocks_are_embedded_on_more_than_one_node(first_run):
 
 
 def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
-    from rayprune.config import RayConfig
+    from rayprune.config import RaySection
     from rayprune.stages.resources import release_cluster, request_cluster
 
     want = int(ray.cluster_resources()["CPU"]) + 2
-    config = RayConfig(address=cluster.address, request_cpus=want, resource_wait_s=120)
+    config = RaySection(address=cluster.address, request_cpus=want, resource_wait_s=120)
     outcome = {}
 
     def request():
@@ -84,7 +84,7 @@ def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
     assert outcome["waited"] >= 3.0  # it really waited for the node
     assert ray.cluster_resources()["CPU"] >= want
     with pytest.raises(RuntimeError, match=r"after waiting 1 s for ray.request_cpus=999"):
-        request_cluster(RayConfig(address=cluster.address, request_cpus=999, resource_wait_s=1))
+        request_cluster(RaySection(address=cluster.address, request_cpus=999, resource_wait_s=1))
 
 
 def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, first_run):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rayprune.config import ConfigError, RayConfig
+from rayprune.config import ConfigError, RaySection
 from rayprune.stages.resources import ResourcePlan, plan_from_resources, wait_for_resources
 
 
@@ -12,30 +12,30 @@ def actor_cpus(plan: ResourcePlan) -> float:
 
 @pytest.mark.parametrize("cpus, node_cpus", [(2, 2), (4, 4), (5, 2), (16, 16), (64, 16), (256, 32)])
 def test_actor_pools_leave_a_whole_cpu_for_read_and_write_tasks(cpus, node_cpus):
-    plan = plan_from_resources(RayConfig(), cpus, 0, node_cpus)
+    plan = plan_from_resources(RaySection(), cpus, 0, node_cpus)
     assert cpus - actor_cpus(plan) >= 1.0
     assert plan.embed_actors >= 1 and plan.extrapolate_actors >= 1
     assert plan.train_cpus_per_worker <= node_cpus  # a worker fits on one node
 
 
 def test_two_cpu_laptop_plan():
-    plan = plan_from_resources(RayConfig(), 2, 0, 2)
+    plan = plan_from_resources(RaySection(), 2, 0, 2)
     assert (plan.train_workers, plan.train_cpus_per_worker, plan.train_use_gpu) == (1, 2.0, False)
     assert (plan.embed_actors, plan.extrapolate_actors) == (1, 1)
     assert plan.embed_cpus_per_actor + plan.extrapolate_cpus_per_actor <= 1.0
 
 
 def test_big_cluster_scales_out_and_uses_gpus():
-    plan = plan_from_resources(RayConfig(), 64, 8, 16)
+    plan = plan_from_resources(RaySection(), 64, 8, 16)
     assert plan.train_workers == 8 and plan.train_use_gpu
     assert plan.embed_actors == 8 and plan.embed_gpus_per_actor == 1.0
-    cpu_only = plan_from_resources(RayConfig(use_gpu="false"), 64, 8, 16)
+    cpu_only = plan_from_resources(RaySection(use_gpu="false"), 64, 8, 16)
     assert cpu_only.embed_actors == 40 and not cpu_only.train_use_gpu  # 2/3 of 60 CPUs
 
 
 @pytest.mark.parametrize("cpus, node_cpus", [(2, 2), (4, 4), (5, 2), (16, 16), (64, 16), (256, 32)])
 def test_embedding_threads_fill_the_cpus_but_never_oversubscribe_them(cpus, node_cpus):
-    plan = plan_from_resources(RayConfig(), cpus, 0, node_cpus)
+    plan = plan_from_resources(RaySection(), cpus, 0, node_cpus)
     assert plan.embed_threads * plan.embed_actors <= cpus
     assert plan.embed_threads <= node_cpus
     # no whole CPU is left without an embedding thread (the IO reserve included)
@@ -44,22 +44,22 @@ def test_embedding_threads_fill_the_cpus_but_never_oversubscribe_them(cpus, node
 
 
 def test_embedding_threads_on_a_laptop_a_gpu_cluster_and_when_set():
-    laptop = plan_from_resources(RayConfig(), 2, 0, 2)
+    laptop = plan_from_resources(RaySection(), 2, 0, 2)
     assert (laptop.embed_threads, laptop.extrapolate_threads) == (2, 1)  # not 1: the IO reserve is mostly idle
-    assert plan_from_resources(RayConfig(), 64, 8, 16).embed_threads == 1  # the GPU does the work
-    assert plan_from_resources(RayConfig(embed_actors=1), 64, 0, 16).embed_threads == 16  # one node's worth
-    assert plan_from_resources(RayConfig(embed_threads=3), 2, 0, 2).embed_threads == 3
+    assert plan_from_resources(RaySection(), 64, 8, 16).embed_threads == 1  # the GPU does the work
+    assert plan_from_resources(RaySection(embed_actors=1), 64, 0, 16).embed_threads == 16  # one node's worth
+    assert plan_from_resources(RaySection(embed_threads=3), 2, 0, 2).embed_threads == 3
     with pytest.raises(ConfigError, match=r"ray.embed_threads must be an integer in \[0, 4096\]"):
-        RayConfig(embed_threads=-1)
+        RaySection(embed_threads=-1)
 
 
 def test_explicit_settings_win_and_errors_are_clear():
-    plan = plan_from_resources(RayConfig(train_workers=3, embed_actors=5, extrapolate_actors=2), 32, 0, 8)
+    plan = plan_from_resources(RaySection(train_workers=3, embed_actors=5, extrapolate_actors=2), 32, 0, 8)
     assert (plan.train_workers, plan.embed_actors, plan.extrapolate_actors) == (3, 5, 2)
     with pytest.raises(RuntimeError, match="use_gpu=true but the cluster has no GPU"):
-        plan_from_resources(RayConfig(use_gpu="true"), 8, 0, 8)
+        plan_from_resources(RaySection(use_gpu="true"), 8, 0, 8)
     with pytest.raises(RuntimeError, match="no CPUs"):
-        plan_from_resources(RayConfig(), 0, 0, 0)
+        plan_from_resources(RaySection(), 0, 0, 0)
 
 
 class FakeClock:
@@ -93,19 +93,19 @@ def test_wait_times_out_naming_what_is_missing():
 
 def test_resource_request_options_are_checked():
     with pytest.raises(ConfigError, match=r"ray.request_gpus must be an integer in \[0, 1000000\]"):
-        RayConfig(request_gpus=-1)
+        RaySection(request_gpus=-1)
     with pytest.raises(ConfigError, match="ray.resource_wait_s"):
-        RayConfig(resource_wait_s=-5)
+        RaySection(resource_wait_s=-5)
 
 
 def test_evaluators_use_every_cpu_and_at_most_one_gpu_each():
     from rayprune.stages.evaluate import evaluator_layout
 
-    laptop = plan_from_resources(RayConfig(), 2, 0, 2)
+    laptop = plan_from_resources(RaySection(), 2, 0, 2)
     assert evaluator_layout(laptop, 500) == (2, 1.0)  # no IO reserve: nothing else runs beside them
     assert evaluator_layout(laptop, 100) == (1, 2.0)  # a small test set stays on one actor
     assert evaluator_layout(laptop, 500, actors=4) == (4, 0.5)
-    gpus = plan_from_resources(RayConfig(), 64, 8, 16)
+    gpus = plan_from_resources(RaySection(), 64, 8, 16)
     n, cpus = evaluator_layout(gpus, 10_000)
     assert n == 8 and cpus * n <= 64  # one per GPU, never an actor left waiting for one
     with pytest.raises(ConfigError, match="evaluation.actors=9 exceeds the cluster's 8 GPU"):

@@ -113,7 +113,7 @@ def test_pool_file_names_cannot_leave_the_pool(tmp_path):
 # process, and tries to join the cluster from a second process that has no token.
 _PROBE = """
 import json, os, subprocess, sys
-from rayprune.config import RayConfig
+from rayprune.config import RaySection
 from rayprune.stages.resources import connect
 
 def listeners():
@@ -144,7 +144,7 @@ def owners(inodes):
     return named
 
 before = set(listeners().values())
-connect(RayConfig())
+connect(RaySection())
 import ray
 ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
 now = listeners()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rayprune.robust import AttackConfig, build_model
-from rayprune.robust.loop import ATRecipe, BatchStream, train_steps
+from rayprune.robust.loop import ATConfig, BatchStream, train_steps
 from rayprune.robust.recording import compute_embeddings, record_predictions
 from rayprune.robust.training import augment, learning_rate, make_optimizer, to_float_images
 
@@ -80,7 +80,7 @@ def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_tas
     model = build_model("small_cnn", num_classes=3, width=8)
     opt = make_optimizer(model, lr=0.05)
     attack = AttackConfig("linf", 2 / 255, 1 / 255, 2)
-    recipe = ATRecipe(lr=0.05, schedule="constant", augment=False)
+    recipe = ATConfig(lr=0.05, schedule="constant", augment=False)
     stream = BatchStream(len(x), 32, seed=0)
     first = train_steps(model, opt, x, y, stream, attack, recipe, steps=3, first_step=0, total_steps=40)
     for i in range(1, 8):

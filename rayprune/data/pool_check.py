@@ -20,12 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from rayprune import storage
 from rayprune.data.pool import POOL_META, SCHEMA, PoolError, PoolInfo, pool_files, read_pool_info

@@ -22,7 +22,7 @@ from rayprune.validation import check_choice
 
 
 @dataclass(frozen=True)
-class ATRecipe:
+class ATConfig:
     """Everything a training step needs besides the model, data and attack."""
 
     loss: str = "pgd_at"
@@ -76,9 +76,9 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
-    stream: "BatchStream | MixedBatchStream",
+    stream: BatchStream | MixedBatchStream,
     attack: AttackConfig,
-    recipe: ATRecipe,
+    recipe: ATConfig,
     *,
     steps: int,
     first_step: int,

@@ -9,7 +9,7 @@ from importlib import import_module
 _WHERE = {
     "Extrapolation": "extrapolate", "ExtrapolationConfig": "extrapolate", "extrapolate_scores": "extrapolate",
     "neighbour_weights": "extrapolate",
-    "SearchOptions": "neighbours", "knn_search": "neighbours",
+    "SearchConfig": "neighbours", "knn_search": "neighbours",
     "SCORE_DIRECTIONS": "scores", "cut_history": "scores", "dynamic_uncertainty": "scores", "el2n": "scores",
     "forgetting_events": "scores", "frequency_score": "scores", "mean_margin": "scores", "random_scores": "scores",
     "score_from_histories": "scores",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rayprune.choices import WEIGHTINGS
-from rayprune.scoring.neighbours import SearchOptions, knn_search
+from rayprune.scoring.neighbours import SearchConfig, knn_search
 from rayprune.validation import as_finite_array, check_choice, check_positive_int, check_same_length
 
 
@@ -31,7 +31,7 @@ class ExtrapolationConfig:
     weighting: str = "uniform"
     same_label: bool = False
     temperature: float | None = None
-    search: SearchOptions = SearchOptions()
+    search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
         check_positive_int(self.k, "k")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rayprune.scoring.neighbours import SearchOptions, knn_search
+from rayprune.scoring.neighbours import SearchConfig, knn_search
 from rayprune.scoring.quality import rankdata
 from rayprune.validation import as_finite_array, check_same_length
 
@@ -51,7 +51,7 @@ def feature_names(signals: tuple[str, ...] = ("clean",), ks=KNN_KS) -> tuple[str
     return tuple(name for kind in signals for name in SIGNALS[kind]) + knn_feature_names(ks)
 
 
-def knn_features(ref_emb, ref_scores, ref_labels, query_emb, query_labels, search: SearchOptions = SearchOptions(),
+def knn_features(ref_emb, ref_scores, ref_labels, query_emb, query_labels, search: SearchConfig = SearchConfig(),
                  ks=KNN_KS, index_cache: dict | None = None) -> dict[str, np.ndarray]:
     """k-NN score estimates and mean neighbour distances of the queries, for each k in ``ks``.
 
@@ -96,7 +96,7 @@ def fold_ids(n: int, n_folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 23]).permutation(n) % n_folds
 
 
-def cross_fitted_knn_features(emb, scores, labels, search: SearchOptions = SearchOptions(), ks=KNN_KS,
+def cross_fitted_knn_features(emb, scores, labels, search: SearchConfig = SearchConfig(), ks=KNN_KS,
                               n_folds: int = FOLDS, seed: int = 0) -> dict[str, np.ndarray]:
     """:func:`knn_features` of the scored rows themselves, each from the other folds only."""
     emb, scores, labels = np.asarray(emb), as_finite_array(scores, "scores"), np.asarray(labels)

@@ -34,9 +34,8 @@ from rayprune.choices import METHODS, METRICS
 from rayprune.validation import as_finite_array, check_choice, check_positive_int
 
 
-
 @dataclass(frozen=True)
-class SearchOptions:
+class SearchConfig:
     """How to search: metric, method and the memory/accuracy knobs of each method."""
 
     metric: str = "euclidean"
@@ -140,7 +139,7 @@ def _block_topk(q: torch.Tensor, block: _RefBlock, k: int, buffer: torch.Tensor)
     return values, torch.gather(cand, 1, pos) + block.start
 
 
-def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions):
+def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchConfig):
     """Blocked brute-force k-NN; returns (squared distances, indices) sorted ascending."""
     # Centring on the reference mean leaves distances unchanged and shrinks the norms,
     # which keeps the |q|^2 - 2 q.r + |r|^2 expansion well conditioned in float32.
@@ -170,7 +169,7 @@ def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: 
     return out_dist, out_idx
 
 
-def hnsw_index(references: np.ndarray, options: SearchOptions, k: int):
+def hnsw_index(references: np.ndarray, options: SearchConfig, k: int):
     """The faiss HNSW index the ``approx`` path searches, built over float32 ``references``
     as ``options`` say (euclidean; normalise first for cosine). Building it is most of an
     approx search's cost, so callers that search one reference set often can keep it."""
@@ -183,7 +182,7 @@ def hnsw_index(references: np.ndarray, options: SearchOptions, k: int):
     return index
 
 
-def set_search_width(index, options: SearchOptions, k: int) -> None:
+def set_search_width(index, options: SearchConfig, k: int) -> None:
     """Set the search-time width of a faiss index (HNSW efSearch, IVF nprobe) from ``options``.
 
     Width does not change the index itself, so an index built once serves every width
@@ -194,13 +193,13 @@ def set_search_width(index, options: SearchOptions, k: int) -> None:
         index.hnsw.efSearch = max(options.hnsw_ef_search, k)
 
 
-def ivf_lists(n_references: int, options: SearchOptions) -> int:
+def ivf_lists(n_references: int, options: SearchConfig) -> int:
     """Lists of the ``ivf`` index: ``options.ivf_lists``, or about sqrt(n), at most n / 39."""
     wanted = options.ivf_lists or round(math.sqrt(n_references))
     return max(1, min(wanted, n_references // 39 or 1, n_references))
 
 
-def ivf_index(references: np.ndarray, options: SearchOptions):
+def ivf_index(references: np.ndarray, options: SearchConfig):
     """The faiss IVF-Flat index the ``ivf`` path searches: k-means lists over float32
     ``references`` (faiss's fixed seed, so the same references give the same lists)."""
     import faiss
@@ -215,12 +214,12 @@ def ivf_index(references: np.ndarray, options: SearchOptions):
     return index
 
 
-def approx_index(references: np.ndarray, options: SearchOptions, k: int):
+def approx_index(references: np.ndarray, options: SearchConfig, k: int):
     """The faiss index of ``options.method`` (``approx``: HNSW, ``ivf``: IVF-Flat)."""
     return ivf_index(references, options) if options.method == "ivf" else hnsw_index(references, options, k)
 
 
-def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchOptions, index=None):
+def _approx_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchConfig, index=None):
     """faiss k-NN (HNSW or IVF); returns (squared distances, indices) sorted ascending.
 
     Queries for which the index found fewer than k neighbours (IVF probes whose lists
@@ -240,7 +239,7 @@ def knn_search(
     queries,
     references,
     k: int,
-    options: SearchOptions = SearchOptions(),
+    options: SearchConfig = SearchConfig(),
     *,
     query_labels=None,
     reference_labels=None,
@@ -340,7 +339,7 @@ class Calibration:
     width's (measured, so it varies from run to run); ``note``: why exact was chosen.
     """
 
-    options: SearchOptions
+    options: SearchConfig
     recall: float
     sample: int
     tried: list[tuple[int, float]] = field(default_factory=list)
@@ -354,7 +353,7 @@ class Calibration:
                 "note": self.note}
 
 
-def calibrate_search(queries, references, k: int, options: SearchOptions, min_recall: float, *,
+def calibrate_search(queries, references, k: int, options: SearchConfig, min_recall: float, *,
                      query_labels=None, reference_labels=None, self_index=None) -> Calibration:
     """The narrowest search width of ``options.method`` whose recall@k on ``queries`` reaches ``min_recall``.
 

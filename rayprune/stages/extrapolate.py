@@ -32,8 +32,15 @@ from rayprune.data.pool import decode_images
 from rayprune.robust.recording import embed_with_signals
 from rayprune.robust.training import to_float_images
 from rayprune.scoring.extrapolate import WEIGHTINGS, ExtrapolationConfig, extrapolate_scores
-from rayprune.scoring.learned import KNN_KS, SIGNALS, cross_fitted_knn_features, feature_names, fit_score_model, knn_features
-from rayprune.scoring.neighbours import METRICS, SearchOptions, calibrate_search
+from rayprune.scoring.learned import (
+    KNN_KS,
+    SIGNALS,
+    cross_fitted_knn_features,
+    feature_names,
+    fit_score_model,
+    knn_features,
+)
+from rayprune.scoring.neighbours import METRICS, SearchConfig, calibrate_search
 from rayprune.scoring.quality import probe_quality, split_probe
 from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.stages.common import fresh_dir, stage_for, swap_in, write_json_atomic
@@ -54,7 +61,7 @@ SCORES_DIR = "scores"
 def extrapolation_config(config: JobConfig) -> ExtrapolationConfig:
     e = config.extrapolation
     return ExtrapolationConfig(
-        k=e.k, weighting=e.weighting, same_label=e.same_label, search=SearchOptions(metric=e.metric, method=e.method)
+        k=e.k, weighting=e.weighting, same_label=e.same_label, search=SearchConfig(metric=e.metric, method=e.method)
     )
 
 
@@ -143,7 +150,7 @@ class Extrapolator:
 
 def _variant_config(k: int, weighting: str, metric: str, same_label: bool, method: str = "exact") -> ExtrapolationConfig:
     return ExtrapolationConfig(k=k, weighting=weighting, same_label=same_label,
-                               search=SearchOptions(metric=metric, method=method))
+                               search=SearchConfig(metric=metric, method=method))
 
 
 def variant_grid(config: JobConfig, neighbour_labels: np.ndarray) -> list[tuple[int, str, str, bool]]:
@@ -352,7 +359,7 @@ def choose_extrapolator(config: JobConfig, refs: dict, probe: np.ndarray, probe_
     model, learned_entry = fit_learned(config, refs, probe) if learned or config.extrapolation.auto else (None, None)
     n_neighbours = int((~probe).sum())
     feature_search = ExtrapolationConfig(k=min(max(KNN_KS), n_neighbours),
-                                         search=SearchOptions(metric="euclidean", method=config.extrapolation.method))
+                                         search=SearchConfig(metric="euclidean", method=config.extrapolation.method))
     if not probe.any():
         quality = {"probe_n": 0, "variants": [], "chosen": None, "auto": config.extrapolation.auto}
         return (feature_search if learned else extrapolation_config(config)), (model if learned else None), quality

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import ray
 
-from rayprune.config import RayConfig
+from rayprune.config import RaySection
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ResourcePlan:
         return max(1, math.ceil(cpus))
 
 
-def connect(config: RayConfig) -> None:
+def connect(config: RaySection) -> None:
     """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a new local Ray."""
     if ray.is_initialized():
         return
@@ -92,7 +92,7 @@ def wait_for_resources(get_resources, cpus: float, gpus: float, timeout_s: float
         sleep(min(poll_s, max(0.0, deadline - clock())))
 
 
-def autoscaler_bundles(config: RayConfig) -> list[dict[str, float]]:
+def autoscaler_bundles(config: RaySection) -> list[dict[str, float]]:
     """One bundle per GPU (with a CPU to feed it) plus one per remaining CPU.
 
     Small bundles let the autoscaler pick whichever node types can hold them.
@@ -101,7 +101,7 @@ def autoscaler_bundles(config: RayConfig) -> list[dict[str, float]]:
     return gpu_bundles + [{"CPU": 1}] * max(0, config.request_cpus - config.request_gpus)
 
 
-def request_cluster(config: RayConfig) -> None:
+def request_cluster(config: RaySection) -> None:
     """Ask the autoscaler for ``ray.request_cpus``/``request_gpus`` and wait until they join.
 
     Without an autoscaler (a laptop, a fixed cluster) the request has no effect and the
@@ -116,7 +116,7 @@ def request_cluster(config: RayConfig) -> None:
     wait_for_resources(ray.cluster_resources, config.request_cpus, config.request_gpus, config.resource_wait_s)
 
 
-def release_cluster(config: RayConfig) -> None:
+def release_cluster(config: RaySection) -> None:
     """Withdraw the request made by ``request_cluster``, so idle workers can scale down."""
     if (config.request_cpus or config.request_gpus) and ray.is_initialized():
         from ray.autoscaler.sdk import request_resources
@@ -128,7 +128,7 @@ def _max_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
 
 
-def plan_resources(config: RayConfig) -> ResourcePlan:
+def plan_resources(config: RaySection) -> ResourcePlan:
     """Size everything from ``ray.cluster_resources()`` and the explicit settings."""
     res = ray.cluster_resources()
     plan = plan_from_resources(config, float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)), _max_node_cpus())
@@ -136,7 +136,7 @@ def plan_resources(config: RayConfig) -> ResourcePlan:
     return plan
 
 
-def plan_from_resources(config: RayConfig, cpus: float, gpus: float, max_node_cpus: float) -> ResourcePlan:
+def plan_from_resources(config: RaySection, cpus: float, gpus: float, max_node_cpus: float) -> ResourcePlan:
     """The sizing rule as a pure function of the cluster's totals (see module docstring)."""
     if cpus <= 0:
         raise RuntimeError("the Ray cluster reports no CPUs; cannot schedule the job")

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import torch
 
 from rayprune import storage
-from rayprune.config import JobConfig, TrainConfig
+from rayprune.config import JobConfig, TrainSection
 from rayprune.data.pool import decode_images
 from rayprune.errors import InputError, one_line
 from rayprune.robust.attacks import AttackConfig
-from rayprune.robust.loop import ATRecipe
+from rayprune.robust.loop import ATConfig
 from rayprune.robust.models import build_model
 from rayprune.robust.training import make_optimizer
 from rayprune.stages.common import Stage, digest, write_json_atomic
@@ -124,12 +124,12 @@ def check_resumed_model(checkpoint_path, saved_name: str | None, saved_world: in
         )
 
 
-def optimizer_from_config(model, train: TrainConfig):
+def optimizer_from_config(model, train: TrainSection):
     return make_optimizer(model, train.lr, train.momentum, train.weight_decay, train.nesterov)
 
 
-def recipe_from_config(train: TrainConfig, steps_per_epoch: int) -> ATRecipe:
-    return ATRecipe(
+def recipe_from_config(train: TrainSection, steps_per_epoch: int) -> ATConfig:
+    return ATConfig(
         loss=train.loss, trades_beta=train.trades_beta, label_smoothing=train.label_smoothing, lr=train.lr,
         schedule=train.schedule, warmup_steps=train.warmup_epochs * steps_per_epoch, augment=train.augment,
     )
@@ -198,7 +198,7 @@ class TrainingSpec:
     """
 
     config: JobConfig
-    recipe: TrainConfig
+    recipe: TrainSection
     rows: str | tuple[str, ...]
     train_ids: np.ndarray
     image_shape: tuple[int, int, int]
@@ -232,7 +232,7 @@ class Worker:
     model: Any
     raw: Any
     optimizer: Any
-    recipe: ATRecipe
+    recipe: ATConfig
     attack: AttackConfig
 
     def generator(self, epoch: int) -> torch.Generator:
