@@ -6,8 +6,12 @@ of start-up. The modules that implement each choice import their tuple from here
 """
 
 NORMS: tuple[str, ...] = ("linf", "l2")
-# Evaluation attacks in their default order.
-EVAL_ATTACKS: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t")
+# Evaluation attacks; AUTOATTACK is AutoAttack's standard version, in its order.
+EVAL_ATTACKS: tuple[str, ...] = ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t", "fab_t", "square")
+AUTOATTACK: tuple[str, ...] = ("apgd_ce", "apgd_t", "fab_t", "square")
+# How the attacks run: "autoattack" each on the samples still robust, in order (a cascade);
+# "every_attack" each on every clean-correct sample (per-attack accuracies stand alone).
+EVAL_PROTOCOLS: tuple[str, ...] = ("autoattack", "every_attack")
 AT_LOSSES: tuple[str, ...] = ("pgd_at", "trades")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "one_cycle")
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wide_resnet", "wrn_28_10", "wrn_70_16")

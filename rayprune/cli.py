@@ -116,9 +116,11 @@ def format_summary(summary) -> str:
                      f"search on {search['sample']} queries")
     if summary.robust_metrics:
         m = summary.robust_metrics
-        lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, {summary.final_training_steps} steps; "
-                     f"test ({int(m.get('n', 0))} samples): "
+        lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, "
+                     f"{summary.final_training_steps} steps; test ({int(m.get('n', 0))} samples): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n"))
+        if getattr(summary, "evaluation", ""):
+            lines.append(f"  evaluation       {summary.evaluation}")
     if summary.random_baseline_metrics:
         lines.append("  random pruning   " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary.random_baseline_metrics.items() if k != "n"))

@@ -41,6 +41,7 @@ class RunSummary:
     final_training_steps: int = 0
     final_best_epoch: int = -1
     robust_metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: str = ""
     random_baseline_metrics: dict[str, float] = field(default_factory=dict)
     registered_version: int | None = None
     extrapolation_quality: dict = field(default_factory=dict)
@@ -329,6 +330,9 @@ def build_summary(config: JobConfig, r: StageResults, root: Path, seconds: dict[
         summary.final_training_steps = final.training_steps
         summary.final_best_epoch = final.best_epoch
         summary.robust_metrics = r.evaluation.metrics
+        summary.evaluation = f"{r.evaluation.protocol['protocol']}, {r.evaluation.protocol['label']}"
+        if r.evaluation.protocol.get("warning"):
+            summary.warnings.append(r.evaluation.protocol["warning"])
         summary.registered_version = r.registration.version if r.registration else None
         summary.outputs.update(final_model=str(final.model_file), evaluation=str(r.evaluation.per_sample_file))
     if r.random_evaluation is not None:

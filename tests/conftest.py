@@ -40,6 +40,9 @@ TINY_JOB = {
     "evaluation.pgd_steps": 3,
     "evaluation.apgd_steps": 5,
     "evaluation.apgd_targets": 2,
+    "evaluation.fab_steps": 5,
+    "evaluation.fab_targets": 2,
+    "evaluation.square_queries": 20,
     "tracking.enabled": "false",
 }
 

@@ -69,8 +69,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def _fast(**kwargs: object) -> EvalConfig:
     """Every attack, with budgets small enough for tests."""
-    base: dict = {"eps": LINF_EPS, "pgd_steps": 10, "apgd_steps": 15, "apgd_targets": 3,
-                  "batch_size": 64}
+    base: dict = {"eps": LINF_EPS, "pgd_steps": 10, "apgd_steps": 15, "apgd_targets": 3, "fab_steps": 10,
+                  "fab_targets": 3, "square_queries": 40, "batch_size": 64}
     return EvalConfig(**{**base, **kwargs})
 
 
@@ -206,14 +206,20 @@ def test_summarize_by_hand() -> None:
 def test_defaults_and_standard_preset() -> None:
     default = EvalConfig()
     assert (default.norm, default.eps, default.pgd_steps, default.pgd_step_size, default.apgd_steps,
-            default.apgd_targets, default.apgd_restarts, default.batch_size, default.attacks) == (
-        "linf", 8 / 255, 20, None, 100, 9, 1, 256, ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t"))
+            default.apgd_targets, default.apgd_restarts, default.fab_steps, default.fab_targets,
+            default.square_queries, default.batch_size, default.attacks, default.protocol) == (
+        "linf", 8 / 255, 20, None, 100, 9, 1, 100, 9, 5000, 256, EVAL_ATTACKS, "every_attack")
     assert default.step_size == pytest.approx(2 / 255)
     assert EvalConfig(pgd_step_size=0.01).step_size == 0.01
     std = EvalConfig.standard("l2", 0.5)
-    assert (std.norm, std.eps, std.pgd_steps, std.step_size, std.apgd_steps, std.apgd_targets,
-            std.apgd_restarts, std.attacks) == ("l2", 0.5, 20, 0.125, 100, 9, 1, EVAL_ATTACKS)
-    cw = std.pgd_config("cw")
+    assert (std.norm, std.eps, std.apgd_steps, std.apgd_targets, std.apgd_restarts, std.fab_steps,
+            std.fab_targets, std.square_queries, std.attacks, std.protocol) == (
+        "l2", 0.5, 100, 9, 1, 100, 9, 5000, ("clean", "apgd_ce", "apgd_t", "fab_t", "square"), "autoattack")
+    assert std.reductions(num_classes=10) == [] and std.reductions(num_classes=4) == []
+    assert _fast(protocol="autoattack", attacks=("clean", "apgd_ce", "apgd_t", "fab_t", "square")).reductions(10) == [
+        "APGD steps 15 < 100", "APGD-T targets 3 < 9", "FAB-T steps 10 < 100", "FAB-T targets 3 < 9",
+        "Square queries 40 < 5000"]
+    cw = EvalConfig(norm="l2", eps=0.5).pgd_config("cw")
     assert (cw.norm, cw.eps, cw.step_size, cw.steps, cw.loss, cw.random_start) == (
         "l2", 0.5, 0.125, 20, "cw", True)
     assert EvalConfig(attacks=["apgd_t", "clean"]).attacks == ("apgd_t", "clean")  # list -> tuple
@@ -231,6 +237,9 @@ def test_defaults_and_standard_preset() -> None:
         ({"apgd_targets": 0}, "apgd_targets"),
         ({"apgd_restarts": True}, "apgd_restarts"),
         ({"batch_size": 0}, "batch_size"),
+        ({"fab_steps": 0}, "fab_steps"),
+        ({"square_queries": -1}, "square_queries"),
+        ({"protocol": "cascade"}, "protocol"),
         ({"attacks": ()}, "attacks"),
         ({"attacks": "clean"}, "attacks"),
         ({"attacks": ("clean", "clean")}, "attacks"),
@@ -242,7 +251,7 @@ def test_eval_config_validation(kwargs: dict, field: str) -> None:
 
 
 def test_unknown_attack_lists_allowed_names() -> None:
-    with pytest.raises(ValueError, match="fab_t") as info:
-        EvalConfig(attacks=("clean", "fab_t"))
+    with pytest.raises(ValueError, match="square") as info:
+        EvalConfig(attacks=("clean", "fab"))
     for name in EVAL_ATTACKS:
         assert name in str(info.value)

@@ -175,8 +175,15 @@ def test_final_model_and_evaluation(job):
     summary = job["summary"]
     metrics = summary.robust_metrics
     assert metrics["n"] == 120
-    assert set(metrics) >= {"clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t", "worst"}
-    assert metrics["worst"] <= min(metrics[k] for k in ("clean", "pgd_ce", "pgd_cw", "apgd_ce", "apgd_t"))
+    order = ("clean", "apgd_ce", "apgd_t", "fab_t", "square")
+    assert set(metrics) == {*order, "worst", "n"}
+    assert all(metrics[a] >= metrics[b] for a, b in zip(order, order[1:]))  # the AutoAttack cascade
+    assert metrics["worst"] == metrics["square"]
+    per_sample = pq.read_table(job["out"] / "evaluate" / "per_sample.parquet").to_pandas()
+    assert (per_sample["broken_by"] == "").mean() == pytest.approx(metrics["worst"])  # the survivors
+    protocol = json.loads((job["out"] / "evaluate" / "protocol.json").read_text())
+    assert protocol["protocol"] == "autoattack" and not protocol["standard"]  # the tiny job's budgets are reduced
+    assert "Square queries 20 < 5000" in protocol["reductions"] and summary.evaluation.endswith(protocol["label"])
     test_dir = job["out"] / "test_pool" / "data"
     test = pads.dataset(pool_files(test_dir), format="parquet").to_table().sort_by("id")
     model = model_from_config(job["config"], 3, 3)

@@ -45,9 +45,9 @@ from rayprune.robust.attacks import (
     NORMS,
     AttackConfig,
     Norm,
-    _check_inputs,
-    _project,
-    _random_start,
+    check_inputs,
+    project,
+    random_start,
 )
 
 ApgdLoss = Literal["ce", "dlr", "dlr_targeted"]
@@ -213,7 +213,7 @@ def _apgd_run(
     out_loss = torch.full((n,), float("-inf"), device=x.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
 
-    x_cur = _random_start(x, ball, generator)
+    x_cur = random_start(x, ball, generator)
     f_cur, g_cur, pred = _evaluate(model, x_cur, y, loss, target, need_grad=True)
     assert g_cur is not None
     # Working set: positions into the batch, and the per-sample state restricted to it.
@@ -261,11 +261,11 @@ def _apgd_run(
             last_check = k
 
         step = eta.view(-1, 1, 1, 1) * _direction(g_cur, ball.norm)
-        z = _project(x_cur + step, xs, ball)
+        z = project(x_cur + step, xs, ball)
         if k == 0:
             x_new = z
         else:
-            x_new = _project(
+            x_new = project(
                 x_cur + MOMENTUM * (z - x_cur) + (1 - MOMENTUM) * (x_cur - x_prev), xs, ball
             )
         f_new, g_new, pred = _evaluate(model, x_new, ys, loss, ts, need_grad=k + 1 < steps)
@@ -354,7 +354,7 @@ def apgd_attack(
     copy of ``x``. The model's mode and parameter gradients are left untouched; call
     with the model in eval mode (see the module docstring).
     """
-    _check_inputs(x, y)
+    check_inputs(x, y)
     _validate(norm, eps, steps, rho, restarts)
     if loss not in APGD_LOSSES:
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(APGD_LOSSES)}")
@@ -404,7 +404,7 @@ def apgd_targeted(
     the smallest true-class logit margin ``z_y - max_{i != y} z_i`` among the runs' best
     points (the clean ``x`` included). Same invariants as :func:`apgd_attack`.
     """
-    _check_inputs(x, y)
+    check_inputs(x, y)
     _validate(norm, eps, steps, rho, restarts)
     if (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
             or n_target_classes < 1):

@@ -80,7 +80,7 @@ linf_8_255 = AttackConfig.linf_8_255
 l2_128_255 = AttackConfig.l2_128_255
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -100,7 +100,7 @@ def _rand(
     return draw(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _random_start(
+def random_start(
     x: torch.Tensor, config: AttackConfig, generator: torch.Generator | None
 ) -> torch.Tensor:
     """A point drawn uniformly from the eps-ball around ``x``, clamped to [0, 1]."""
@@ -115,7 +115,7 @@ def _random_start(
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
     """Project ``x_adv`` onto the eps-ball around ``x`` and then onto the [0, 1] box."""
     if config.norm == "linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - config.eps), x + config.eps)
@@ -170,13 +170,13 @@ def pgd_attack(
     and updates its running averages during the attack. ``eps == 0`` returns a copy of
     ``x``; ``steps == 0`` returns the (random) start point.
     """
-    _check_inputs(x, y)
+    check_inputs(x, y)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("pgd_attack needs autograd; call it outside torch.inference_mode()")
     x = x.detach()
     if config.eps == 0:
         return x.clone()
-    x_adv = _random_start(x, config, generator) if config.random_start else x.clone()
+    x_adv = random_start(x, config, generator) if config.random_start else x.clone()
     if config.steps == 0:
         return x_adv
     if config.loss == "kl":
@@ -200,5 +200,5 @@ def pgd_attack(
                 step = grad.sign()
             else:
                 step = grad / grad.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, 1, 1, 1)
-            x_adv = _project(x_adv.detach() + config.step_size * step, x, config)
+            x_adv = project(x_adv.detach() + config.step_size * step, x, config)
     return x_adv.detach()

@@ -1,23 +1,29 @@
-"""Robust-accuracy evaluation: clean, PGD (CE and CW) and the APGD part of AutoAttack.
+"""Robust-accuracy evaluation: clean, PGD (CE and CW) and AutoAttack (APGD-CE, APGD-T,
+FAB-T, Square).
 
 :func:`robust_correct` returns, per sample, whether the model stays correct under each
 attack of an :class:`EvalConfig`, plus "worst" (correct under every attack at once, the
 number to report). :func:`summarize` turns that into accuracies.
 
-What the per-attack arrays mean: every attack runs on *all* clean-correct samples (not
-only on those that survived the previous attacks), so the accuracy under an attack is
-exactly the accuracy under that attack alone. A sample misclassified at ``x`` counts as
-broken by every attack (``x`` is in every threat model's ball), so no robust accuracy
-exceeds the clean one. Running every attack on every clean-correct sample costs more
-than AutoAttack's cascade (which only attacks the survivors) but yields the same "worst".
+Two protocols:
 
-Randomness: each (batch, attack) pair draws its random starts from its own generator,
-seeded from one number drawn from ``generator`` (or torch's global RNG) and the attack's
-name, so an attack's result does not depend on which other attacks run with it.
+* ``autoattack`` (AutoAttack's): the attacks run in the given order, each only on the
+  samples every earlier attack left correct, so an attack's array is the robustness
+  *after* it and the ones before (cumulative), and the last one is "worst". With
+  ``attacks = AUTOATTACK`` and the standard budgets (:meth:`EvalConfig.standard`) this is
+  AutoAttack's standard version.
+* ``every_attack``: every attack runs on *all* clean-correct samples, so the accuracy
+  under an attack is exactly the accuracy under that attack alone; "worst" is the same
+  as the cascade's, at a higher cost.
 
-Not included: AutoAttack's FAB-T and Square. On most defended models APGD-CE + APGD-T
-account for (almost) all of the standard version's success, but numbers from this module
-are an upper bound on, not a reproduction of, AutoAttack robust accuracy.
+A sample misclassified at ``x`` counts as broken by every attack (``x`` is in every
+threat model's ball), so no robust accuracy exceeds the clean one.
+
+Randomness: each (batch, attack) pair draws from its own generator, seeded from one
+number drawn from ``generator`` (or torch's global RNG), the batch's *global* index
+(``first_batch`` + its position) and the attack's name. An attack's result therefore does
+not depend on which other attacks run beside it (in ``every_attack``), and evaluating a
+test set in shards of whole batches gives exactly the result of evaluating it at once.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayprune.choices import EVAL_ATTACKS
+from rayprune.choices import AUTOATTACK, EVAL_ATTACKS, EVAL_PROTOCOLS
 from rayprune.robust.apgd import apgd_attack, apgd_targeted
-from rayprune.robust.attacks import NORMS, AttackConfig, Norm, _check_inputs, pgd_attack
+from rayprune.robust.attacks import NORMS, AttackConfig, Norm, check_inputs, pgd_attack
+from rayprune.robust.fab import fab_targeted
 from rayprune.robust.modes import temporary_mode
+from rayprune.robust.square import square_attack
 
 #: Key of the all-attacks-at-once correctness in :func:`robust_correct`'s result.
 WORST = "worst"
@@ -54,9 +62,11 @@ class EvalConfig:
 
     ``pgd_*``: PGD with random start for "pgd_ce" and "pgd_cw" (CW = margin loss);
     ``pgd_step_size=None`` means ``eps / 4``. ``apgd_*``: iterations per restart,
-    number of target classes for "apgd_t", restarts per APGD run. ``batch_size``: samples
-    attacked together. ``attacks``: which of :data:`EVAL_ATTACKS` to run (any order,
-    no repeats; a list is stored as a tuple).
+    number of target classes for "apgd_t", restarts per APGD run. ``fab_*``: FAB-T's
+    iterations and target classes. ``square_queries``: Square's query budget (below
+    5,000 its schedule of window sizes is compressed onto the budget). ``batch_size``:
+    samples attacked together. ``attacks``: which of :data:`EVAL_ATTACKS` to run, in
+    order (no repeats; a list is stored as a tuple); ``protocol``: see the module docstring.
     """
 
     norm: Norm = "linf"
@@ -66,8 +76,12 @@ class EvalConfig:
     apgd_steps: int = 100
     apgd_targets: int = 9
     apgd_restarts: int = 1
+    fab_steps: int = 100
+    fab_targets: int = 9
+    square_queries: int = 5000
     batch_size: int = 256
     attacks: tuple[str, ...] = EVAL_ATTACKS
+    protocol: str = "every_attack"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -86,6 +100,11 @@ class EvalConfig:
             raise ValueError(f"apgd_targets must be an int >= 1; got {self.apgd_targets!r}")
         if not _is_int(self.apgd_restarts, 1):
             raise ValueError(f"apgd_restarts must be an int >= 1; got {self.apgd_restarts!r}")
+        for name in ("fab_steps", "fab_targets", "square_queries"):
+            if not _is_int(getattr(self, name), 1):
+                raise ValueError(f"{name} must be an int >= 1; got {getattr(self, name)!r}")
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; allowed: {', '.join(EVAL_PROTOCOLS)}")
         if not _is_int(self.batch_size, 1):
             raise ValueError(f"batch_size must be an int >= 1; got {self.batch_size!r}")
         attacks = self.attacks
@@ -108,13 +127,26 @@ class EvalConfig:
 
     @classmethod
     def standard(cls, norm: Norm = "linf", eps: float = 8 / 255, *, batch_size: int = 256) -> EvalConfig:
-        """AutoAttack's standard APGD settings plus PGD-20 with CE and CW losses.
+        """AutoAttack's standard version: APGD-CE (100 iterations, 1 restart), APGD-T (100
+        iterations, 9 target classes), FAB-T (100 iterations, 9 target classes) and Square
+        (5,000 queries), as a cascade in that order."""
+        return cls(norm=norm, eps=eps, apgd_steps=100, apgd_targets=9, apgd_restarts=1, fab_steps=100,
+                   fab_targets=9, square_queries=5000, batch_size=batch_size, attacks=("clean", *AUTOATTACK),
+                   protocol="autoattack")
 
-        APGD-CE with 100 iterations and 1 restart; APGD-T with 100 iterations,
-        9 target classes and 1 restart; PGD: 20 steps of ``eps / 4`` from a random start.
-        """
-        return cls(norm=norm, eps=eps, pgd_steps=20, pgd_step_size=None, apgd_steps=100,
-                   apgd_targets=9, apgd_restarts=1, batch_size=batch_size, attacks=EVAL_ATTACKS)
+    def reductions(self, num_classes: int) -> list[str]:
+        """How this config falls short of AutoAttack's standard version (empty: it is the
+        standard). Target classes count as standard when every other class is a target."""
+        out = []
+        if self.protocol != "autoattack" or tuple(a for a in self.attacks if a != "clean") != AUTOATTACK:
+            out.append(f"{self.protocol} protocol over {', '.join(self.attacks)}")
+        checks = (("apgd_ce" in self.attacks or "apgd_t" in self.attacks, self.apgd_steps, 100, "APGD steps"),
+                  ("apgd_t" in self.attacks, self.apgd_targets, min(9, num_classes - 1), "APGD-T targets"),
+                  ("fab_t" in self.attacks, self.fab_steps, 100, "FAB-T steps"),
+                  ("fab_t" in self.attacks, self.fab_targets, min(9, num_classes - 1), "FAB-T targets"),
+                  ("square" in self.attacks, self.square_queries, 5000, "Square queries"))
+        out += [f"{what} {value} < {standard}" for used, value, standard, what in checks if used and value < standard]
+        return out
 
     def pgd_config(self, loss: str) -> AttackConfig:
         """The :class:`AttackConfig` of "pgd_ce" (``loss="ce"``) or "pgd_cw" (``loss="cw"``)."""
@@ -139,6 +171,12 @@ def _attack(
         return apgd_targeted(model, x, y, norm=config.norm, eps=config.eps, steps=config.apgd_steps,
                              n_target_classes=config.apgd_targets, restarts=config.apgd_restarts,
                              generator=generator)
+    if name == "fab_t":
+        return fab_targeted(model, x, y, norm=config.norm, eps=config.eps, steps=config.fab_steps,
+                            n_target_classes=config.fab_targets, generator=generator)
+    if name == "square":
+        return square_attack(model, x, y, norm=config.norm, eps=config.eps, n_queries=config.square_queries,
+                             rescale_schedule=config.square_queries < 5000, generator=generator)
     raise ValueError(f"unknown attack {name!r}; allowed: {', '.join(EVAL_ATTACKS)}")
 
 
@@ -154,18 +192,22 @@ def robust_correct(
     y: torch.Tensor,
     config: EvalConfig,
     generator: torch.Generator | None = None,
+    *,
+    first_batch: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per-sample correctness (bool arrays of length ``len(x)``) under each attack.
 
-    Keys: every name in ``config.attacks`` and "worst" (correct under all of them). Each
-    attack runs on all clean-correct samples of a batch (see the module docstring), in
-    batches of ``config.batch_size`` moved to the model's device. The model is in eval
-    mode during the evaluation and every submodule's mode is restored afterwards;
-    parameter gradients are not touched. ``x`` holds pixel inputs in [0, 1].
+    Keys: every name in ``config.attacks`` and "worst" (correct under all of them). The
+    attacks run on the clean-correct samples of a batch, all of them or, under the
+    ``autoattack`` protocol, those still robust (see the module docstring), in batches of
+    ``config.batch_size`` moved to the model's device; ``first_batch`` is the global index
+    of the first batch (for shards of a larger set). The model is in eval mode during the
+    evaluation and every submodule's mode is restored afterwards; parameter gradients are
+    not touched. ``x`` holds pixel inputs in [0, 1].
     """
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig; got {type(config).__name__}")
-    _check_inputs(x, y)
+    check_inputs(x, y)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("robust_correct needs autograd; call it outside torch.inference_mode()")
     n = x.shape[0]
@@ -173,18 +215,20 @@ def robust_correct(
     base_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device).item())
     device = _model_device(model, x.device)
     results = {name: np.zeros(n, dtype=bool) for name in config.attacks}
+    cascade = config.protocol == "autoattack"
     with temporary_mode(model, "eval"):
-        for batch_index, start in enumerate(range(0, n, config.batch_size)):
+        for batch_index, start in enumerate(range(0, n, config.batch_size), start=first_batch):
             xb = x[start:start + config.batch_size].detach().to(device)
             yb = y[start:start + config.batch_size].to(device)
             with torch.no_grad():
                 clean = model(xb).argmax(dim=1) == yb
             if "clean" in results:
                 results["clean"][start:start + len(xb)] = clean.cpu().numpy()
-            idx = clean.nonzero().squeeze(1)
+            alive = clean.clone()
             for name in config.attacks:
                 if name == "clean":
                     continue
+                idx = (alive if cascade else clean).nonzero().squeeze(1)
                 correct = torch.zeros_like(clean)
                 if idx.numel() > 0:
                     seed = (base_seed + 1_000_003 * batch_index + EVAL_ATTACKS.index(name)) % 2**63
@@ -193,6 +237,7 @@ def robust_correct(
                     with torch.no_grad():
                         correct[idx] = model(x_adv).argmax(dim=1) == yb[idx]
                 results[name][start:start + len(xb)] = correct.cpu().numpy()
+                alive &= correct
     results[WORST] = np.logical_and.reduce([results[name] for name in config.attacks])
     return results
 
@@ -214,3 +259,33 @@ def summarize(correct: dict[str, np.ndarray]) -> dict[str, float]:
     }
     summary["n"] = n
     return summary
+
+
+def broken_by(correct: dict[str, np.ndarray], attacks: tuple[str, ...]) -> np.ndarray:
+    """Per sample, the first attack in ``attacks`` under which it is no longer correct
+    ("clean" if misclassified as it is), or "" if it survived them all."""
+    n = len(correct[WORST])
+    out = np.full(n, "", dtype=object)
+    for name in attacks:
+        newly = (out == "") & ~np.asarray(correct[name], dtype=bool)
+        out[newly] = name
+    return out
+
+
+def gradient_masking_warning(metrics: dict[str, float], attacks: tuple[str, ...], protocol: str,
+                             threshold: float = 0.01) -> str | None:
+    """A warning when Square, which needs no gradients, finds notably more than the gradient
+    attacks (by ``threshold`` of the samples): the model's gradients may be masked, and
+    gradient-based robust accuracy would overstate its robustness."""
+    gradient = [a for a in attacks if a not in ("clean", "square")]
+    if "square" not in attacks or not gradient:
+        return None
+    if protocol == "autoattack":
+        before = metrics[attacks[attacks.index("square") - 1]]
+    else:
+        before = min(metrics[a] for a in gradient)
+    if before - metrics["square"] <= threshold:
+        return None
+    return (f"Square (no gradients) lowered robust accuracy from {before:.3f} to {metrics['square']:.3f} below the "
+            f"gradient attacks ({', '.join(gradient)}): the model may mask its gradients, so robust accuracy from "
+            "gradient attacks alone would overstate its robustness")

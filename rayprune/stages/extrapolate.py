@@ -288,9 +288,10 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
         "attack": attack_from_config(config) if "adv" in signal_kinds(config) and
         config.extrapolation.model == "learned" else None,
     }
-    # SPREAD places the actors on different nodes, so reads stay local and all nodes work.
+    # Ray Data places actor pools with SPREAD by default (DataContext.scheduling_strategy), so
+    # the actors land on different nodes, reads stay local and all nodes work.
     args = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": plan.embed_cpus_per_actor,
-            "batch_format": "numpy", "scheduling_strategy": "SPREAD"}
+            "batch_format": "numpy"}
     if plan.embed_gpus_per_actor:
         args["num_gpus"] = plan.embed_gpus_per_actor
     return ds.map_batches(Embedder, fn_constructor_kwargs=kwargs, batch_size=size, **args)
@@ -421,7 +422,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
                                                 "score_model": [ray.put(score_model)] if score_model else None},
                          compute=ray.data.ActorPoolStrategy(size=plan.extrapolate_actors),
                          num_cpus=plan.extrapolate_cpus_per_actor, batch_size=config.ray.inference_batch_size * 4,
-                         batch_format="numpy", scheduling_strategy="SPREAD")
+                         batch_format="numpy")
             .write_parquet(str(tmp))
         )
         rows_per_node = ray.get(tally.get.remote())

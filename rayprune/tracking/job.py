@@ -120,6 +120,10 @@ def record_select(tracker: Tracker, selected, extrap) -> None:
 def record_evaluate(tracker: Tracker, test, evaluation) -> None:
     log_pool_dataset(tracker, "test set", test.info, test.digest, test.path, "evaluation")
     tracker.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+    tracker.set_tags({"evaluation_protocol": evaluation.protocol["protocol"],
+                      "evaluation": evaluation.protocol["label"],
+                      "autoattack_standard": str(evaluation.protocol["standard"]).lower()})
+    tracker.log_dict(evaluation.protocol, "evaluation_protocol.json")
 
 
 def record_random_baseline(tracker: Tracker, evaluation) -> None:
