@@ -105,7 +105,8 @@ def format_summary(summary) -> str:
     ]
     q = summary.extrapolation_quality
     if q:
-        lines.append(f"  probe quality    {q['probe_n']} held-out scored samples, {q['name']}: Spearman {q['probe_spearman']:.3f}, "
+        lines.append(f"  probe quality    {q['probe_n']} held-out scored samples, {q['name']}: "
+                     f"Spearman {q['probe_spearman']:.3f}, "
                      f"Pearson {q['probe_pearson']:.3f}, kept overlap {q['probe_kept_overlap']:.3f}")
         lines.append("                   (how well neighbours predict the subset run's own scores, not whether those"
                      " agree with a full-pool run)")
@@ -116,7 +117,8 @@ def format_summary(summary) -> str:
                      f"search on {search['sample']} queries")
     if summary.robust_metrics:
         m = summary.robust_metrics
-        lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, {summary.final_training_steps} steps; "
+        lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, "
+                     f"{summary.final_training_steps} steps; "
                      f"test ({int(m.get('n', 0))} samples): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n"))
     if summary.random_baseline_metrics:

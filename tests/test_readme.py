@@ -15,7 +15,8 @@ def code_lines():
 
 def test_ci_runs_the_readme_test_command():
     ci_commands = [
-        line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3.11 -m venv")
+        line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith("python3.11 -m venv")
     ]
     assert len(ci_commands) == 1
     assert ci_commands[0] in code_lines()

@@ -110,7 +110,8 @@ class InputSpec:
         if self.source is not None and (not isinstance(self.source, str) or not self.source.strip()):
             raise PoolError(f"source name for {self.path} must be a non-empty string; got {self.source!r}")
         if self.num_classes is not None and (
-            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < MIN_CLASSES
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+            or self.num_classes < MIN_CLASSES
         ):
             raise PoolError(f"num_classes for {self.path} must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); "
                             f"got {self.num_classes!r}")
@@ -157,7 +158,8 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, origin, first_row
     negative = np.flatnonzero(labels < 0)
     if negative.size:
         i = int(negative[0])
-        raise PoolError(f"{origin}, row {first_row + i}: label {int(labels[i])} is negative ({negative.size} such row(s) here)")
+        raise PoolError(f"{origin}, row {first_row + i}: label {int(labels[i])} is negative "
+                        f"({negative.size} such row(s) here)")
     if num_classes is not None:
         high = np.flatnonzero(labels >= num_classes)
         if high.size:
@@ -351,7 +353,8 @@ def _read_cifar10_pickle(path: Path) -> Batch:
     except (TypeError, ValueError) as exc:
         raise PoolError(f"{path}: 'labels' is not a list of integers ({_one_line(exc)})") from None
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise PoolError(f"{path}: 'labels' must be a flat list of integers; got {labels.dtype} with shape {list(labels.shape)}")
+        raise PoolError(f"{path}: 'labels' must be a flat list of integers; "
+                        f"got {labels.dtype} with shape {list(labels.shape)}")
     if len(labels) != len(data):
         raise PoolError(f"{path}: {len(labels)} labels for {len(data)} images")
     labels = labels.astype(np.int64)
@@ -446,14 +449,16 @@ class _NpzReader:
         for key in ("image", "label"):
             if f"{key}.npy" not in members:
                 found = ", ".join(sorted(m.removesuffix(".npy") for m in members)) or "nothing"
-                raise PoolError(f"{path}: missing {key!r} array (the file holds: {found}); expected 'image' and 'label'")
+                raise PoolError(f"{path}: missing {key!r} array (the file holds: {found}); "
+                                "expected 'image' and 'label'")
         self.image = _NpyMember(stack.enter_context(zf.open("image.npy")), "image.npy", path)
         self.label = _NpyMember(stack.enter_context(zf.open("label.npy")), "label.npy", path)
         img, lab = self.image, self.label
         if img.dtype != np.uint8:
             raise PoolError(f"{img.where}: images must be uint8; got {img.dtype}")
         if len(img.shape) != 4 or min(img.shape[1:]) < 1:
-            raise PoolError(f"{img.where}: images must have shape (N, H, W, C); got {list(img.shape)} ({len(img.shape)} dims)")
+            raise PoolError(f"{img.where}: images must have shape (N, H, W, C); "
+                            f"got {list(img.shape)} ({len(img.shape)} dims)")
         if not np.issubdtype(lab.dtype, np.integer):
             raise PoolError(f"{lab.where}: labels must be integers; got {lab.dtype}")
         if len(lab.shape) != 1:
@@ -751,7 +756,8 @@ def convert(
     _check_pool_shape_and_classes(infos, num_classes)
     class_names = _merge_class_names(infos, num_classes)
     total = None if any(info.num_rows is None for info in infos) else sum(info.num_rows for info in infos)
-    logger.info("converting %d input(s) into %s: images %s, %d classes", len(infos), out_dir, _shape_str(shape), num_classes)
+    logger.info("converting %d input(s) into %s: images %s, %d classes",
+                len(infos), out_dir, _shape_str(shape), num_classes)
 
     next_id = 0
     with PoolWriter(out_dir, image_shape=shape, num_classes=num_classes, rows_per_file=rows_per_file,

@@ -66,7 +66,8 @@ def record_predictions(
                     logits = model(inputs)
                 for name, values in prediction_signals(logits, y, kind).items():
                     out[name].append(values.cpu())
-    return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32) for f, v in out.items()})
+    return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32)
+                          for f, v in out.items()})
 
 
 def prediction_signals(logits: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:

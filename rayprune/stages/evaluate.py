@@ -95,7 +95,8 @@ def run_evaluate(config: JobConfig, test: PoolRef, model_file: Path, trained_by:
         actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if plan.train_use_gpu else 0)(Evaluator)
         actors = [actor_cls.remote(config, str(model_file), test.info.num_classes,
                                    test.info.image_shape[2], plan.threads(cpus)) for _ in range(n_actors)]
-        logger.info("evaluating %d test samples on %d actor(s): %s", len(ids), n_actors, ", ".join(config.evaluation.attacks))
+        logger.info("evaluating %d test samples on %d actor(s): %s",
+                    len(ids), n_actors, ", ".join(config.evaluation.attacks))
         shards = np.array_split(np.arange(len(ids)), n_actors)
         refs = [a.run.remote(ids[s], images[s], labels[s], i) for i, (a, s) in enumerate(zip(actors, shards))]
         parts = ray.get(refs)
