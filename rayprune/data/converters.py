@@ -505,7 +505,8 @@ def scan_npz(path: str | Path, num_classes: int | None = None) -> tuple[tuple[in
                 _check_labels(labels, num_classes, path, start)
                 top = max(top, int(labels.max()))
             reader.label.check_end()
-            return reader.image.shape[1:], reader.image.rows, top + 1
+            height, width, channels = reader.image.shape[1:]  # _NpzReader checked: 4 dims
+            return (height, width, channels), reader.image.rows, top + 1
 
 
 def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Batch]:
@@ -634,6 +635,7 @@ def read_folder(path: str | Path) -> Iterator[Batch]:
             if images is None:
                 images = np.empty((len(chunk), *pixels.shape), np.uint8)
             images[i] = pixels
+        assert images is not None  # a chunk is never empty
         labels = np.array([label for _, label in chunk], np.int64)
         yield Batch(images, labels, str(root), start)
 
@@ -657,7 +659,7 @@ def inspect_input(spec: InputSpec) -> InputInfo:
         observed = len(names)
     if declared is not None and declared < observed:
         raise PoolError(f"{spec.describe()}: has {observed} classes but num_classes is {declared}")
-    return InputInfo(spec, tuple(shape), declared or observed, rows, list(names))
+    return InputInfo(spec, shape, declared or observed, rows, list(names))
 
 
 def read_input(spec: InputSpec) -> Iterator[Batch]:
@@ -742,7 +744,7 @@ def convert(
             raise PoolError(f"inputs must be InputSpec objects; got {type(spec).__name__}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, inputs, overwrite)
-    infos = []
+    infos: list[InputInfo] = []
     for spec in inputs:
         info = inspect_input(spec)
         if infos and info.image_shape != infos[0].image_shape:
@@ -755,7 +757,8 @@ def convert(
     num_classes = max(info.num_classes for info in infos)
     _check_pool_shape_and_classes(infos, num_classes)
     class_names = _merge_class_names(infos, num_classes)
-    total = None if any(info.num_rows is None for info in infos) else sum(info.num_rows for info in infos)
+    known_rows = [info.num_rows for info in infos if info.num_rows is not None]
+    total = sum(known_rows) if len(known_rows) == len(infos) else None
     logger.info("converting %d input(s) into %s: images %s, %d classes",
                 len(infos), out_dir, _shape_str(shape), num_classes)
 

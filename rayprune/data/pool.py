@@ -507,7 +507,8 @@ class PoolWriter:
             raise PoolError(f"image_shape {problem}; got {list(image_shape)}")
         if rows_per_file < 1:
             raise PoolError(f"rows_per_file must be >= 1; got {rows_per_file}")
-        self.image_shape = tuple(int(v) for v in image_shape)
+        height, width, channels = image_shape
+        self.image_shape: tuple[int, int, int] = (int(height), int(width), int(channels))
         self.num_classes = int(num_classes)
         self.rows_per_file = rows_per_file
         self.class_names = list(class_names or [])

@@ -296,7 +296,7 @@ def _apgd(
     y: torch.Tensor,
     target: torch.Tensor | None,
     *,
-    norm: str,
+    norm: Norm,
     eps: float,
     steps: int,
     loss: ApgdLoss,
