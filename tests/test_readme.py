@@ -23,6 +23,14 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in ci_commands[0]
 
 
+def test_ci_lints_and_type_checks_before_the_tests():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    tests_at = next(i for i, line in enumerate(lines) if line.startswith("python3.11 -m venv"))
+    before = [line.strip() for line in lines[:tests_at]]
+    for check in (".venv/bin/ruff check .", ".venv/bin/mypy"):
+        assert check in before, f".ci/run must run `{check}` before the tests"
+
+
 def test_readme_run_command_starts_the_job():
     runs = [line for line in code_lines() if line.endswith("python jobs/prune.py")]
     assert runs and runs[0].startswith("python3.11 -m venv .venv && .venv/bin/pip install")
