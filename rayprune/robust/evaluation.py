@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -116,12 +117,11 @@ class EvalConfig:
         return cls(norm=norm, eps=eps, pgd_steps=20, pgd_step_size=None, apgd_steps=100,
                    apgd_targets=9, apgd_restarts=1, batch_size=batch_size, attacks=EVAL_ATTACKS)
 
-    def pgd_config(self, loss: str) -> AttackConfig:
+    def pgd_config(self, loss: Literal["ce", "cw"]) -> AttackConfig:
         """The :class:`AttackConfig` of "pgd_ce" (``loss="ce"``) or "pgd_cw" (``loss="cw"``)."""
         if loss not in ("ce", "cw"):
             raise ValueError(f"PGD loss must be 'ce' or 'cw'; got {loss!r}")
-        return AttackConfig(self.norm, self.eps, self.step_size, self.pgd_steps, loss,  # type: ignore[arg-type]
-                            random_start=True)
+        return AttackConfig(self.norm, self.eps, self.step_size, self.pgd_steps, loss, random_start=True)
 
 
 def _attack(
