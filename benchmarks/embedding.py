@@ -92,7 +92,8 @@ def run(preset: str, workdir: Path) -> BenchResult:
     config = JobConfig(ray=RaySection())
     pool_dir, info = demo_pool(workdir, p["rows"], p["image_size"])
     model_path = model_file(config, info, workdir / "model.pt")
-    result = BenchResult("embedding", preset, {**p, "model": config.model.name, "batch": config.ray.inference_batch_size})
+    result = BenchResult("embedding", preset,
+                         {**p, "model": config.model.name, "batch": config.ray.inference_batch_size})
     plain_times, ray_times = [], []
     with local_ray():
         for rep in range(p["repeats"]):  # alternate, so drift in machine load hits both

@@ -148,7 +148,8 @@ def fidelity_of(kind: str, runs: dict) -> tuple[dict, dict]:
     """One kind's fidelity row (Spearman on the rest, fractions of the ceiling, probe bias)
     and the score tables the payoff prunes by."""
     sub, full = runs["summaries"]["subset"], runs["summaries"]["full"]
-    truth, seed1 = _scores(full.outputs["subset_scores"]), _scores(runs["summaries"]["full_seed1"].outputs["subset_scores"])
+    truth = _scores(full.outputs["subset_scores"])
+    seed1 = _scores(runs["summaries"]["full_seed1"].outputs["subset_scores"])
     own = _scores(sub.outputs["subset_scores"])
     learned = _scores(sub.outputs["scores"])
     rest = sorted(i for i in truth if i not in own)

@@ -101,7 +101,8 @@ def _ray_run(loop_config: dict, workdir: Path) -> tuple[dict, float, dict]:
     total = time.perf_counter() - start
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
-    return json.loads(result_file.read_text()), total, {"cpus_per_worker": plan.train_cpus_per_worker, "threads": cfg["threads"]}
+    return (json.loads(result_file.read_text()), total,
+            {"cpus_per_worker": plan.train_cpus_per_worker, "threads": cfg["threads"]})
 
 
 def from_job(loop_config: dict) -> JobConfig:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from rayprune.errors import InputError
 
@@ -107,6 +107,8 @@ def check_ranges(obj: Any, section: str) -> None:
             continue
         integer = isinstance(f.default, int) and not isinstance(f.default, bool)
         ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-              and (not integer or isinstance(value, numbers.Integral)) and bounds.contains(value))
+              and (not integer or isinstance(value, numbers.Integral))
+              # int, float or a numpy scalar; typeshed's numbers.Real has no comparison operators
+              and bounds.contains(cast(float, value)))
         if not ok:
             raise OptionError(name, f"must be {bounds.describe(integer)}; got {value!r}")

@@ -557,7 +557,7 @@ def option_ranges(cls=JobConfig) -> dict[str, Any]:
 
 def option_choices(cls=JobConfig) -> dict[str, tuple[str, ...]]:
     """Every leaf option with a fixed set of names as ``dotted.key -> choices``."""
-    return {key: field_choices(f) for key, f in _bounded_fields(cls) if field_choices(f) is not None}
+    return {key: choices for key, f in _bounded_fields(cls) if (choices := field_choices(f)) is not None}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -32,8 +32,9 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _input_error_classes() -> list[type]:
-    out, todo = [], [InputError]
+def _input_error_classes() -> list[type[InputError]]:
+    out: list[type[InputError]] = []
+    todo: list[type[InputError]] = [InputError]
     while todo:
         cls = todo.pop()
         out.append(cls)

@@ -51,9 +51,9 @@ def check_sizes(config: JobConfig, sources: dict[str, int], where: str) -> None:
             "extrapolation.probe_fraction"
         )
     if e.model == "learned" and neighbours < 2 * LEARNED_FOLDS:
-        raise ConfigError(f"extrapolation.model learned needs at least {2 * LEARNED_FOLDS} scored samples to fit on; "
-                          f"the subset of {n_subset} minus a probe of {n_subset - neighbours} leaves {neighbours}: raise "
-                          "split.subset_fraction, or use extrapolation.model knn")
+        raise ConfigError(f"extrapolation.model learned needs at least {2 * LEARNED_FOLDS} scored samples "
+                          f"to fit on; the subset of {n_subset} minus a probe of {n_subset - neighbours} leaves "
+                          f"{neighbours}: raise split.subset_fraction, or use extrapolation.model knn")
     if config.final.enabled:
         n_kept = n_pool - n_prunable + keep_budget(n_prunable, config.selection.keep_fraction)
         n_val = min(config.final.val_size, n_pool - n_prunable if n_pool > n_prunable else n_kept)
@@ -161,7 +161,8 @@ def preflight(config: JobConfig) -> None:
     check_storage(config)
     if config.pool.path:
         info = check_pool(config.pool.path)
-        sources, shape, classes, where = info.sources, info.image_shape, info.num_classes, f"the pool {config.pool.path}"
+        sources, shape, classes = info.sources, info.image_shape, info.num_classes
+        where = f"the pool {config.pool.path}"
     else:
         demo = config.pool.demo
         sources = {k: v for k, v in (("real", demo.n_real), ("synthetic", demo.n_synthetic)) if v > 0}

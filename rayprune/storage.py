@@ -20,6 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import TypeGuard
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -39,7 +40,7 @@ class StorageError(InputError):
     """A location that cannot be opened or written; the message names it."""
 
 
-def is_uri(location: str | Path) -> bool:
+def is_uri(location: str | Path) -> TypeGuard[str]:
     return isinstance(location, str) and bool(_URI.match(location))
 
 

@@ -56,7 +56,7 @@ def test_projection_onto_a_hyperplane_in_the_box_matches_an_lp_and_qp_solver(nor
             size = np.abs(got).max()
         else:
             ref = minimize(lambda z: (z ** 2).sum(), np.zeros(d), method="SLSQP", bounds=bounds,
-                           constraints=[{"type": "eq", "fun": lambda z: w @ z - c}])
+                           constraints=[{"type": "eq", "fun": lambda z, w=w, c=c: w @ z - c}])
             best = np.sqrt((ref.x ** 2).sum()) if ref.success else None
             size = np.sqrt((got ** 2).sum())
         assert ((p + got) >= -1e-12).all() and ((p + got) <= 1 + 1e-12).all()
@@ -212,7 +212,8 @@ def test_evaluating_in_shards_of_whole_batches_equals_evaluating_at_once(model, 
         np.testing.assert_array_equal(np.concatenate([first[name], rest[name]]), whole[name])
 
 
-@pytest.mark.parametrize("n_samples,batch_size,n_actors", [(96, 32, 2), (100, 32, 3), (100, 32, 9), (5, 32, 4), (1, 1, 1)])
+@pytest.mark.parametrize("n_samples,batch_size,n_actors",
+                         [(96, 32, 2), (100, 32, 3), (100, 32, 9), (5, 32, 4), (1, 1, 1)])
 def test_shards_are_contiguous_runs_of_whole_batches_covering_every_sample(n_samples, batch_size, n_actors):
     from rayprune.stages.evaluate import batch_shards
 

@@ -46,7 +46,8 @@ def rows(ids, labels=None, images=None, sources=None) -> pa.Table:
     images = encode_images(np.zeros((n, *SHAPE), np.uint8)) if images is None else images
     labels = pa.array(np.arange(n) % 3 if labels is None else labels, pa.int64())
     sources = pa.array(sources or ["synthetic"] * n, pa.string())
-    return pa.table({"id": pa.array(ids, pa.int64()), "image": images, "label": labels, "source": sources}, schema=SCHEMA)
+    return pa.table({"id": pa.array(ids, pa.int64()), "image": images, "label": labels, "source": sources},
+                    schema=SCHEMA)
 
 
 def raw_pool(path: Path, tables: list[pa.Table], num_classes: int = 3, num_rows: int | None = None,

@@ -90,7 +90,8 @@ def test_presets_load_and_demo_preset_is_the_default():
     demo = load_config(configs / "demo.yaml")
     assert demo == JobConfig()
     linf, l2 = load_config(configs / "cifar10-linf.yaml"), load_config(configs / "cifar10-l2.yaml")
-    assert (linf.model.name, linf.train.loss, linf.train.trades_beta, linf.train.batch_size) == ("wrn_28_10", "trades", 5.0, 512)
+    assert (linf.model.name, linf.train.loss, linf.train.trades_beta, linf.train.batch_size) == (
+        "wrn_28_10", "trades", 5.0, 512)
     assert linf.attack.eps == pytest.approx(8 / 255) and linf.attack.steps == 10
     assert (l2.attack.norm, l2.attack.eps) == ("l2", pytest.approx(128 / 255))
 

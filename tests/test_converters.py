@@ -52,7 +52,8 @@ def write_cifar_py(root, rng, sizes=(5, 4, 6, 3, 7), test_size=4):
             pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
                          b"filenames": [f"img_{i}.png".encode() for i in range(n)]}, f)
     with open(d / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_cases_per_batch": 10000, b"num_vis": 3072}, f)
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_cases_per_batch": 10000,
+                     b"num_vis": 3072}, f)
     return d, batches
 
 
@@ -103,7 +104,8 @@ def write_folder(root, rng, classes=("cat", "dog", "emu"), per_class=(2, 3, 1), 
 
 def read_pool(out):
     info = read_pool_info(out)
-    table = pq.read_table([str(out / f) for f in info.files]) if len(info.files) > 1 else pq.read_table(out / info.files[0])
+    table = (pq.read_table([str(out / f) for f in info.files]) if len(info.files) > 1
+             else pq.read_table(out / info.files[0]))
     return info, table, decode_images(table.column("image"), info.image_shape)
 
 
@@ -129,7 +131,8 @@ def test_round_trip_across_all_kinds(tmp_path):
     folder_images, folder_labels = write_folder(tmp_path / "f", rng)
     out = tmp_path / "pool"
 
-    info = convert([InputSpec("cifar10", cifar_dir), InputSpec("npz", npz), InputSpec("folder", tmp_path / "f", source="extra")],
+    info = convert([InputSpec("cifar10", cifar_dir), InputSpec("npz", npz),
+                    InputSpec("folder", tmp_path / "f", source="extra")],
                    out, rows_per_file=16)
 
     train = [f"data_batch_{i}" for i in range(1, 6)]
@@ -340,14 +343,17 @@ def test_npy_shorter_than_its_header(tmp_path):
     [
         ({"image": np.zeros((3, 4, 4, 3), np.uint8)}, ["missing 'label'"]),
         ({"label": np.zeros(3, np.int64), "images": np.zeros((3, 4, 4, 3), np.uint8)}, ["missing 'image'"]),
-        ({"image": np.zeros((3, 4, 4, 3), np.float32), "label": np.zeros(3, np.int64)}, ["image.npy", "uint8", "float32"]),
-        ({"image": np.zeros((3, 4, 4), np.uint8), "label": np.zeros(3, np.int64)}, ["image.npy", "(N, H, W, C)", "3 dims"]),
+        ({"image": np.zeros((3, 4, 4, 3), np.float32), "label": np.zeros(3, np.int64)},
+         ["image.npy", "uint8", "float32"]),
+        ({"image": np.zeros((3, 4, 4), np.uint8), "label": np.zeros(3, np.int64)},
+         ["image.npy", "(N, H, W, C)", "3 dims"]),
         ({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.zeros(3, np.float64)}, ["label.npy", "integers"]),
         ({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.zeros(2, np.int64)}, ["2 labels for 3 images"]),
         ({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.array([0, 2, -1])}, ["row 2", "label -1 is negative"]),
         ({"image": np.zeros((0, 4, 4, 3), np.uint8), "label": np.zeros(0, np.int64)}, ["empty"]),
         ({"image": np.array([None, 1, "x"], dtype=object), "label": np.zeros(3, np.int64)}, ["image.npy", "object"]),
-        ({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.array([0, 1, None], dtype=object)}, ["label.npy", "object"]),
+        ({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.array([0, 1, None], dtype=object)},
+         ["label.npy", "object"]),
     ],
     ids=["no-label", "no-image", "float-images", "wrong-ndim", "float-labels", "length", "negative", "empty",
          "object-image", "object-label"],
@@ -378,7 +384,8 @@ def test_cifar10_label_out_of_range_names_file_and_row(tmp_path):
     (d / "data_batch_4").unlink()
     check_fails(tmp_path, InputSpec("cifar10", d), [d, "missing data_batch_4"])
     (tmp_path / "nothing").mkdir()
-    check_fails(tmp_path, InputSpec("cifar10", tmp_path / "nothing"), [tmp_path / "nothing", "no CIFAR-10 train batches"])
+    check_fails(tmp_path, InputSpec("cifar10", tmp_path / "nothing"),
+                [tmp_path / "nothing", "no CIFAR-10 train batches"])
     check_fails(tmp_path, InputSpec("cifar10", tmp_path / "absent"), [tmp_path / "absent", "not a directory"])
 
 
@@ -501,7 +508,8 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, capsys):
     code = cli_main([str(out), "--npz", str(bad), "--log-level", "ERROR"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and not out.exists()
-    assert err.startswith("rayprune-convert: error: ") and "\n" not in err and str(bad) in err and "Traceback" not in err
+    assert err.startswith("rayprune-convert: error: ") and "\n" not in err
+    assert str(bad) in err and "Traceback" not in err
 
 
 def test_cli_needs_an_input_and_has_help(tmp_path, capsys):

@@ -417,7 +417,8 @@ def test_dockerfile_neither_repeats_nor_contradicts_pyproject_pins():
             if target in ("-e", "--editable", "."):
                 continue
             name = canonicalize_name(Requirement(target).name)
-            assert name not in pinned, f"the Dockerfile installs {target}; {name} comes from pyproject.toml ({pinned[name]})"
+            assert name not in pinned, \
+                f"the Dockerfile installs {target}; {name} comes from pyproject.toml ({pinned[name]})"
     assert not re.search(r"--(extra-)?index-url|download\.pytorch\.org", DOCKERFILE), \
         "torch must come from the same index as the README install (a CPU-only index would break GPU nodes)"
     assert str(pinned["torch"].specifier) == "==2.14.1" and str(pinned["torchvision"].specifier) == "==0.29.1"

@@ -311,7 +311,8 @@ def test_the_stage_calibrates_the_chosen_variant_on_the_probe(any_speed):
     _, found = knn_search(refs["embedding"][probe], refs["embedding"][~probe], 12, chosen.search)
     assert recall_at_k(found, truth) == pytest.approx(cal.recall)
     exact_config = load_config(None, {})
-    assert calibrate_for(exact_config, extrapolation_config(exact_config), refs, probe)[1].as_dict()["method"] == "exact"
+    _, exact_cal = calibrate_for(exact_config, extrapolation_config(exact_config), refs, probe)
+    assert exact_cal.as_dict()["method"] == "exact"
 
 
 def test_exact_search_is_used_when_the_approximate_one_is_not_faster(monkeypatch):

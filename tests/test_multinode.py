@@ -36,7 +36,8 @@ def _overrides(cluster, out) -> dict:
     # kNN extrapolation here: the learned path is checked in test_pipeline.py, this keeps the kNN actors covered.
     return {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
             "extrapolation.model": "knn",
-            "ray.embed_threads": 1, "final.enabled": "false", "pool.demo.n_synthetic": 5850, "ray.inference_batch_size": 128}
+            "ray.embed_threads": 1, "final.enabled": "false", "pool.demo.n_synthetic": 5850,
+            "ray.inference_batch_size": 128}
 
 
 @pytest.fixture(scope="module")

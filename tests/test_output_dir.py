@@ -24,7 +24,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def config(out: Path, **overrides):
-    return load_config(None, {**TINY_JOB, "output_dir": str(out), **{k.replace("__", "."): v for k, v in overrides.items()}})
+    return load_config(None, {**TINY_JOB, "output_dir": str(out),
+                              **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 def fake_committed_run(cfg) -> None:
@@ -35,7 +36,8 @@ def fake_committed_run(cfg) -> None:
     root = Path(cfg.output_dir)
     rundir.claim(root)
     sections = {
-        "pool": ("pool.demo",), "split": ("split", "pool.prunable_sources"), "score_subset": ("model", "attack", "train"),
+        "pool": ("pool.demo",), "split": ("split", "pool.prunable_sources"),
+        "score_subset": ("model", "attack", "train"),
         "extrapolate": ("extrapolation", "scoring"), "select": ("selection", "pool.prunable_sources", "scoring.score"),
         "final_train": ("final", "model", "attack"), "test_pool": ("pool.demo", "evaluation.demo_test_size"),
         "evaluate": ("evaluation", "attack"),

@@ -51,7 +51,8 @@ def test_writer_splits_files_and_records_metadata(tmp_path):
     "ids, imgs, labels, message",
     [
         (np.arange(3), images(3).astype(np.float32), np.zeros(3, int), r"src\.npz: images must be uint8; got float32"),
-        (np.arange(3), images(3, (5, 4, 3)), np.zeros(3, int), r"images must have shape \(n, 4, 5, 3\); got \[5, 4, 3\]"),
+        (np.arange(3), images(3, (5, 4, 3)), np.zeros(3, int),
+         r"images must have shape \(n, 4, 5, 3\); got \[5, 4, 3\]"),
         (np.arange(3), images(3), np.array([0, 4, 1]), r"src\.npz, row 11: label 4 is out of range \[0, 3\]"),
         (np.arange(3), images(3), np.array([0, -1, 1]), r"src\.npz, row 11: label -1 is out of range"),
         (np.array([1, 2, 1]), images(3), np.zeros(3, int), r"src\.npz, row 12: duplicate id 1"),

@@ -15,11 +15,20 @@ def code_lines():
 
 def test_ci_runs_the_readme_test_command():
     ci_commands = [
-        line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3.11 -m venv")
+        line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith("python3.11 -m venv")
     ]
     assert len(ci_commands) == 1
     assert ci_commands[0] in code_lines()
     assert "pytest" in ci_commands[0]
+
+
+def test_ci_lints_and_type_checks_before_the_tests():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    tests_at = next(i for i, line in enumerate(lines) if line.startswith("python3.11 -m venv"))
+    before = [line.strip() for line in lines[:tests_at]]
+    for check in (".venv/bin/ruff check .", ".venv/bin/mypy"):
+        assert check in before, f".ci/run must run `{check}` before the tests"
 
 
 def test_readme_run_command_starts_the_job():

@@ -19,7 +19,8 @@ EPOCHS = 12
 
 def job_command(out: Path) -> list[str]:
     options = {**TINY_JOB, "train.epochs": EPOCHS, "final.enabled": "false", "output_dir": str(out)}
-    return [sys.executable, str(ROOT / "jobs" / "prune.py")] + [a for k, v in options.items() for a in (f"--{k}", str(v))]
+    return [sys.executable, str(ROOT / "jobs" / "prune.py")] + [
+        a for k, v in options.items() for a in (f"--{k}", str(v))]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:

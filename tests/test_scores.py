@@ -54,7 +54,8 @@ def history():
 
 @pytest.mark.parametrize("window", [2, 5, 10, 16])
 def test_dynamic_uncertainty_matches_definition(history, window):
-    np.testing.assert_allclose(dynamic_uncertainty(history, window), reference_du(history, window), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dynamic_uncertainty(history, window), reference_du(history, window),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_dynamic_uncertainty_is_stable_near_one():

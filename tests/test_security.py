@@ -1,4 +1,5 @@
-"""Security (issue 6): nothing untrusted is unpickled; output paths stay in the output directory; local Ray keeps token auth."""
+"""Security (issue 6): nothing untrusted is unpickled; output paths stay in the output directory;
+local Ray keeps token auth."""
 
 import ast
 from pathlib import Path

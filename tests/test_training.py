@@ -70,7 +70,8 @@ def test_to_float_images_layout():
 def tiny_task():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (96,), generator=g)
-    x = (0.5 + 0.3 * (torch.nn.functional.one_hot(y, 3).float() @ torch.randn(3, 3 * 8 * 8, generator=g)).view(-1, 3, 8, 8))
+    centres = torch.randn(3, 3 * 8 * 8, generator=g)
+    x = (0.5 + 0.3 * (torch.nn.functional.one_hot(y, 3).float() @ centres).view(-1, 3, 8, 8))
     return x.clamp(0, 1), y
 
 
@@ -101,4 +102,5 @@ def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_tas
     err = (probs - F.one_hot(y, 3)).norm(dim=1)
     np.testing.assert_allclose(record.l2_error_clean, err.numpy(), rtol=1e-5, atol=1e-6)
     assert record.p_adv.mean() < record.p_clean.mean()  # the attack lowers true-class probability
-    np.testing.assert_allclose(compute_embeddings(model, x, batch_size=7), model.embed(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compute_embeddings(model, x, batch_size=7), model.embed(x).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)

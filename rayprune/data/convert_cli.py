@@ -45,16 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rayprune-convert", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="the pool directory to create (must not exist unless --overwrite)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="the pool directory to create (must not exist unless --overwrite)")
     group = parser.add_argument_group("inputs (at least one)")
-    group.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 directory (cifar-10-batches-py or -bin, or their parent)")
+    group.add_argument("--cifar10", metavar="DIR",
+                       help="CIFAR-10 directory (cifar-10-batches-py or -bin, or their parent)")
     group.add_argument("--cifar10-split", choices=["train", "test"], default="train",
                        help="CIFAR-10 split: train = data_batch_1..5, test = test_batch (default: train)")
     group.add_argument("--npz", metavar="FILE", nargs="+", action="extend", default=[],
                        help="one or more .npz files (repeatable), converted in the order given; put OUT_DIR "
                             "before --npz (or end the list with --)")
     group.add_argument("--folder", metavar="DIR", help="image folder with one subfolder per class")
-    sources = parser.add_argument_group("source names (the pool's 'source' column; only 'synthetic' is pruned by default)")
+    sources = parser.add_argument_group(
+        "source names (the pool's 'source' column; only 'synthetic' is pruned by default)")
     sources.add_argument("--cifar10-source", metavar="NAME", default="real", help="(default: real)")
     sources.add_argument("--npz-source", metavar="NAME", default="synthetic", help="(default: synthetic)")
     sources.add_argument("--folder-source", metavar="NAME", default="real", help="(default: real)")

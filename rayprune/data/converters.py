@@ -110,7 +110,8 @@ class InputSpec:
         if self.source is not None and (not isinstance(self.source, str) or not self.source.strip()):
             raise PoolError(f"source name for {self.path} must be a non-empty string; got {self.source!r}")
         if self.num_classes is not None and (
-            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < MIN_CLASSES
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+            or self.num_classes < MIN_CLASSES
         ):
             raise PoolError(f"num_classes for {self.path} must be an integer >= {MIN_CLASSES} ({WHY_TWO_CLASSES}); "
                             f"got {self.num_classes!r}")
@@ -157,7 +158,8 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, origin, first_row
     negative = np.flatnonzero(labels < 0)
     if negative.size:
         i = int(negative[0])
-        raise PoolError(f"{origin}, row {first_row + i}: label {int(labels[i])} is negative ({negative.size} such row(s) here)")
+        raise PoolError(f"{origin}, row {first_row + i}: label {int(labels[i])} is negative "
+                        f"({negative.size} such row(s) here)")
     if num_classes is not None:
         high = np.flatnonzero(labels >= num_classes)
         if high.size:
@@ -351,7 +353,8 @@ def _read_cifar10_pickle(path: Path) -> Batch:
     except (TypeError, ValueError) as exc:
         raise PoolError(f"{path}: 'labels' is not a list of integers ({_one_line(exc)})") from None
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise PoolError(f"{path}: 'labels' must be a flat list of integers; got {labels.dtype} with shape {list(labels.shape)}")
+        raise PoolError(f"{path}: 'labels' must be a flat list of integers; "
+                        f"got {labels.dtype} with shape {list(labels.shape)}")
     if len(labels) != len(data):
         raise PoolError(f"{path}: {len(labels)} labels for {len(data)} images")
     labels = labels.astype(np.int64)
@@ -446,14 +449,16 @@ class _NpzReader:
         for key in ("image", "label"):
             if f"{key}.npy" not in members:
                 found = ", ".join(sorted(m.removesuffix(".npy") for m in members)) or "nothing"
-                raise PoolError(f"{path}: missing {key!r} array (the file holds: {found}); expected 'image' and 'label'")
+                raise PoolError(f"{path}: missing {key!r} array (the file holds: {found}); "
+                                "expected 'image' and 'label'")
         self.image = _NpyMember(stack.enter_context(zf.open("image.npy")), "image.npy", path)
         self.label = _NpyMember(stack.enter_context(zf.open("label.npy")), "label.npy", path)
         img, lab = self.image, self.label
         if img.dtype != np.uint8:
             raise PoolError(f"{img.where}: images must be uint8; got {img.dtype}")
         if len(img.shape) != 4 or min(img.shape[1:]) < 1:
-            raise PoolError(f"{img.where}: images must have shape (N, H, W, C); got {list(img.shape)} ({len(img.shape)} dims)")
+            raise PoolError(f"{img.where}: images must have shape (N, H, W, C); "
+                            f"got {list(img.shape)} ({len(img.shape)} dims)")
         if not np.issubdtype(lab.dtype, np.integer):
             raise PoolError(f"{lab.where}: labels must be integers; got {lab.dtype}")
         if len(lab.shape) != 1:
@@ -500,7 +505,8 @@ def scan_npz(path: str | Path, num_classes: int | None = None) -> tuple[tuple[in
                 _check_labels(labels, num_classes, path, start)
                 top = max(top, int(labels.max()))
             reader.label.check_end()
-            return reader.image.shape[1:], reader.image.rows, top + 1
+            height, width, channels = reader.image.shape[1:]  # _NpzReader checked: 4 dims
+            return (height, width, channels), reader.image.rows, top + 1
 
 
 def read_npz(path: str | Path, *, num_classes: int | None = None) -> Iterator[Batch]:
@@ -629,6 +635,7 @@ def read_folder(path: str | Path) -> Iterator[Batch]:
             if images is None:
                 images = np.empty((len(chunk), *pixels.shape), np.uint8)
             images[i] = pixels
+        assert images is not None  # a chunk is never empty
         labels = np.array([label for _, label in chunk], np.int64)
         yield Batch(images, labels, str(root), start)
 
@@ -652,7 +659,7 @@ def inspect_input(spec: InputSpec) -> InputInfo:
         observed = len(names)
     if declared is not None and declared < observed:
         raise PoolError(f"{spec.describe()}: has {observed} classes but num_classes is {declared}")
-    return InputInfo(spec, tuple(shape), declared or observed, rows, list(names))
+    return InputInfo(spec, shape, declared or observed, rows, list(names))
 
 
 def read_input(spec: InputSpec) -> Iterator[Batch]:
@@ -737,7 +744,7 @@ def convert(
             raise PoolError(f"inputs must be InputSpec objects; got {type(spec).__name__}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, inputs, overwrite)
-    infos = []
+    infos: list[InputInfo] = []
     for spec in inputs:
         info = inspect_input(spec)
         if infos and info.image_shape != infos[0].image_shape:
@@ -750,8 +757,10 @@ def convert(
     num_classes = max(info.num_classes for info in infos)
     _check_pool_shape_and_classes(infos, num_classes)
     class_names = _merge_class_names(infos, num_classes)
-    total = None if any(info.num_rows is None for info in infos) else sum(info.num_rows for info in infos)
-    logger.info("converting %d input(s) into %s: images %s, %d classes", len(infos), out_dir, _shape_str(shape), num_classes)
+    known_rows = [info.num_rows for info in infos if info.num_rows is not None]
+    total = sum(known_rows) if len(known_rows) == len(infos) else None
+    logger.info("converting %d input(s) into %s: images %s, %d classes",
+                len(infos), out_dir, _shape_str(shape), num_classes)
 
     next_id = 0
     with PoolWriter(out_dir, image_shape=shape, num_classes=num_classes, rows_per_file=rows_per_file,

@@ -175,4 +175,5 @@ def generate_test_rows(spec: DemoPoolSpec, count: int) -> DemoRows:
     check_positive_int(count, "count")
     protos = _class_prototypes(spec)
     blocks = [_block(spec, protos, b, test=True) for b in range((count - 1) // BLOCK_ROWS + 1)]
-    return DemoRows(**{f: np.concatenate([getattr(b, f) for b in blocks])[:count] for f in DemoRows.__dataclass_fields__})
+    return DemoRows(**{f: np.concatenate([getattr(b, f) for b in blocks])[:count]
+                       for f in DemoRows.__dataclass_fields__})

@@ -220,7 +220,8 @@ def read_pool_info(path: str | Path) -> PoolInfo:
     try:
         data = json.loads(storage.read_text(meta))
     except FileNotFoundError:
-        raise PoolError(f"{path} is not a pool: {POOL_META} is missing (convert data with `rayprune-convert`)") from None
+        raise PoolError(f"{path} is not a pool: {POOL_META} is missing "
+                        "(convert data with `rayprune-convert`)") from None
     except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PoolError(f"{meta} is unreadable: {one_line(exc)}") from None
     return _check_meta(meta, data)
@@ -275,7 +276,8 @@ def decode_images(column, shape: tuple[int, int, int], *, ids=None, origin: str 
             where = f"{origin}, id {int(np.asarray(ids)[i])}" if ids is not None else f"row {i} of {origin}"
             if v is None:
                 raise PoolError(f"{where}: image is missing (null); expected {size} bytes for shape {list(shape)}")
-            raise PoolError(f"{where}: image has {len(v)} bytes; expected {size} for shape {list(shape)} (H, W, C uint8)")
+            raise PoolError(f"{where}: image has {len(v)} bytes; "
+                            f"expected {size} for shape {list(shape)} (H, W, C uint8)")
     return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), *shape)
 
 
@@ -316,13 +318,15 @@ def replaceable_entries(out_dir: Path) -> list[str]:
     if mode is None:
         return []
     if stat.S_ISLNK(mode):
-        raise PoolError(f"{out_dir} is a symbolic link; refusing to replace it (name the directory itself, or a new one)")
+        raise PoolError(f"{out_dir} is a symbolic link; "
+                        "refusing to replace it (name the directory itself, or a new one)")
     if not stat.S_ISDIR(mode):
         raise PoolError(f"{out_dir} exists and is not a directory ({file_kind(mode)}); refusing to replace it")
     try:
         entries = sorted(os.listdir(out_dir))
     except OSError as exc:
-        raise PoolError(f"{out_dir} cannot be listed ({one_line(exc.strerror or exc)}); refusing to replace it") from None
+        raise PoolError(f"{out_dir} cannot be listed ({one_line(exc.strerror or exc)}); "
+                        "refusing to replace it") from None
     if not entries:
         return []
     if POOL_META not in entries:
@@ -503,7 +507,8 @@ class PoolWriter:
             raise PoolError(f"image_shape {problem}; got {list(image_shape)}")
         if rows_per_file < 1:
             raise PoolError(f"rows_per_file must be >= 1; got {rows_per_file}")
-        self.image_shape = tuple(int(v) for v in image_shape)
+        height, width, channels = image_shape
+        self.image_shape: tuple[int, int, int] = (int(height), int(width), int(channels))
         self.num_classes = int(num_classes)
         self.rows_per_file = rows_per_file
         self.class_names = list(class_names or [])
@@ -639,7 +644,8 @@ class PoolWriter:
         position = int(order[repeated[0] + 1])
         for ids, origin, first_row in self._seen_ids:
             if position < len(ids):
-                raise PoolError(f"{origin}, row {first_row + position}: duplicate id {int(ids[position])} (already in the pool)")
+                raise PoolError(f"{origin}, row {first_row + position}: "
+                                f"duplicate id {int(ids[position])} (already in the pool)")
             position -= len(ids)
 
     def _finish(self) -> None:
@@ -656,7 +662,8 @@ class PoolWriter:
         write_pool_info(self._tmp, info)
         (self._tmp / PARTIAL_MARKER).unlink()  # the finished pool holds only pool.json and its files
         self._swap_in()
-        logger.info("wrote pool %s: %d rows in %d file(s), sources %s", self.out_dir, self._rows, len(self._files), self._sources)
+        logger.info("wrote pool %s: %d rows in %d file(s), sources %s",
+                    self.out_dir, self._rows, len(self._files), self._sources)
 
 
 def write_demo_pool(spec, out_dir: str | Path, *, rows_per_file: int = 50_000, overwrite: bool = False) -> PoolInfo:

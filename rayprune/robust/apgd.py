@@ -296,7 +296,7 @@ def _apgd(
     y: torch.Tensor,
     target: torch.Tensor | None,
     *,
-    norm: str,
+    norm: Norm,
     eps: float,
     steps: int,
     loss: ApgdLoss,
@@ -345,8 +345,9 @@ def apgd_attack(
     ``norm``/``eps`` define the threat model (L-inf or L2 ball, intersected with the
     [0, 1] box); ``steps`` is the iteration budget per restart; ``loss`` is "ce", "dlr"
     (needs >= 3 classes) or "dlr_targeted" (needs >= 3 classes, see
-    :func:`dlr_targeted_loss`, and ``target``, one class per sample). Each restart begins at a uniform random point of the ball (drawn with
-    ``generator``) and only attacks samples not yet misclassified.
+    :func:`dlr_targeted_loss`, and ``target``, one class per sample). Each restart
+    begins at a uniform random point of the ball (drawn with ``generator``) and only
+    attacks samples not yet misclassified.
 
     Per sample the result is a misclassified point if one was found (the clean ``x``
     if it is already misclassified), else the highest-loss point over all restarts.
@@ -399,8 +400,9 @@ def apgd_targeted(
     Targets are ranked by the clean logits (highest non-true class first); for each rank,
     APGD with the targeted DLR loss runs (``restarts`` times) on the samples not yet
     misclassified. ``n_target_classes`` is capped at ``num_classes - 1``; the model needs
-    at least 3 classes (with 3, see :func:`dlr_targeted_loss`). Per sample the result is a misclassified point if one was found,
-    else, as targeted losses for different targets are not comparable, the point with
+    at least 3 classes (with 3, see :func:`dlr_targeted_loss`). Per sample the result is
+    a misclassified point if one was found, else, as targeted losses for different
+    targets are not comparable, the point with
     the smallest true-class logit margin ``z_y - max_{i != y} z_i`` among the runs' best
     points (the clean ``x`` included). Same invariants as :func:`apgd_attack`.
     """

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -148,12 +149,11 @@ class EvalConfig:
         out += [f"{what} {value} < {standard}" for used, value, standard, what in checks if used and value < standard]
         return out
 
-    def pgd_config(self, loss: str) -> AttackConfig:
+    def pgd_config(self, loss: Literal["ce", "cw"]) -> AttackConfig:
         """The :class:`AttackConfig` of "pgd_ce" (``loss="ce"``) or "pgd_cw" (``loss="cw"``)."""
         if loss not in ("ce", "cw"):
             raise ValueError(f"PGD loss must be 'ce' or 'cw'; got {loss!r}")
-        return AttackConfig(self.norm, self.eps, self.step_size, self.pgd_steps, loss,  # type: ignore[arg-type]
-                            random_start=True)
+        return AttackConfig(self.norm, self.eps, self.step_size, self.pgd_steps, loss, random_start=True)
 
 
 def _attack(

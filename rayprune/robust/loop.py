@@ -106,7 +106,8 @@ def train_steps(
             x = augment(x, generator=generator)
         if recipe.loss == "trades":
             loss, stats = trades_loss(
-                model, x, y, attack, beta=recipe.trades_beta, label_smoothing=recipe.label_smoothing, generator=generator
+                model, x, y, attack, beta=recipe.trades_beta, label_smoothing=recipe.label_smoothing,
+                generator=generator,
             )
         else:
             loss, stats = pgd_at_loss(model, x, y, attack, generator=generator)

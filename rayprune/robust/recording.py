@@ -18,6 +18,7 @@ from torch import nn
 
 from rayprune.robust.attacks import AttackConfig, pgd_attack
 from rayprune.robust.metrics import true_class_stats
+from rayprune.robust.models import EmbeddingClassifier
 from rayprune.robust.modes import temporary_mode
 
 RECORDED_FIELDS = ("p_clean", "p_adv", "margin_clean", "margin_adv", "l2_error_clean", "l2_error_adv")
@@ -55,7 +56,7 @@ def record_predictions(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     ce_attack = dataclasses.replace(attack, loss="ce")
     device = next(model.parameters()).device
-    out = {f: [] for f in RECORDED_FIELDS}
+    out: dict[str, list[torch.Tensor]] = {f: [] for f in RECORDED_FIELDS}
     with temporary_mode(model, "eval"):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
@@ -66,7 +67,8 @@ def record_predictions(
                     logits = model(inputs)
                 for name, values in prediction_signals(logits, y, kind).items():
                     out[name].append(values.cpu())
-    return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32) for f, v in out.items()})
+    return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32)
+                          for f, v in out.items()})
 
 
 def prediction_signals(logits: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
@@ -76,7 +78,7 @@ def prediction_signals(logits: torch.Tensor, y: torch.Tensor, kind: str) -> dict
     return {f"p_{kind}": p, f"margin_{kind}": m, f"l2_error_{kind}": err}
 
 
-def embed_with_signals(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def embed_with_signals(model: EmbeddingClassifier, images: torch.Tensor, labels: torch.Tensor,
                        attack: AttackConfig | None = None, *,
                        generator: torch.Generator | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One batch's embeddings and the model's view of each sample, in eval mode.
@@ -98,7 +100,7 @@ def embed_with_signals(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     return emb.float().cpu().numpy(), {k: v.float().cpu().numpy() for k, v in signals.items()}
 
 
-def compute_embeddings(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
+def compute_embeddings(model: EmbeddingClassifier, images: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
     """Penultimate-layer embeddings (float32, (N, D)) of float images, in eval mode."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")

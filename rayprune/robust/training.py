@@ -31,7 +31,8 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
-def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str = "cosine", warmup_steps: int = 0) -> float:
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str = "cosine",
+                  warmup_steps: int = 0) -> float:
     """Learning rate at optimiser ``step`` (0-based) of ``total_steps``.
 
     ``cosine``: linear warm-up then cosine decay to 0. ``one_cycle``: linear ramp up over

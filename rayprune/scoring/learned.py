@@ -25,6 +25,7 @@ of 0.3 s on 2 cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -117,11 +118,17 @@ def feature_matrix(columns: dict[str, np.ndarray], names: tuple[str, ...]) -> np
     return np.column_stack([as_finite_array(columns[n], n) for n in names])
 
 
+class Regressor(Protocol):
+    """What a :class:`ScoreModel` needs of its fitted (scikit-learn) regressor."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass
 class ScoreModel:
     """A fitted regressor, its feature order, and the measured scores its ranks map back to."""
 
-    estimator: object
+    estimator: Regressor
     features: tuple[str, ...]
     sorted_scores: np.ndarray
 

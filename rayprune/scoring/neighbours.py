@@ -392,7 +392,8 @@ def calibrate_search(queries, references, k: int, options: SearchConfig, min_rec
     ladder = HNSW_EF_LADDER if options.method == "approx" else IVF_PROBE_LADDER
     tried = []
     for width in ladder:
-        trial = replace(options, **({"hnsw_ef_search": width} if options.method == "approx" else {"ivf_probes": width}))
+        trial = (replace(options, hnsw_ef_search=width) if options.method == "approx"
+                 else replace(options, ivf_probes=width))
         recall = recall_at_k(neighbours(trial, cache), truth)
         tried.append((width, recall))
         if recall >= min_recall:

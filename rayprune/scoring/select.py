@@ -23,8 +23,10 @@ def keep_budget(n_prunable: int, keep_fraction: float | None = None, keep_count:
         raise ValueError("give exactly one of keep_fraction (in (0, 1]) or keep_count (an integer)")
     if keep_fraction is not None:
         return math.floor(check_fraction(keep_fraction, "keep_fraction") * n_prunable + 0.5)
-    if isinstance(keep_count, bool) or not isinstance(keep_count, (int, np.integer)) or not 0 <= keep_count <= n_prunable:
-        raise ValueError(f"keep_count must be an integer in [0, {n_prunable}] (the prunable samples); got {keep_count!r}")
+    if (isinstance(keep_count, bool) or not isinstance(keep_count, (int, np.integer))
+            or not 0 <= keep_count <= n_prunable):
+        raise ValueError(f"keep_count must be an integer in [0, {n_prunable}] (the prunable samples); "
+                         f"got {keep_count!r}")
     return int(keep_count)
 
 

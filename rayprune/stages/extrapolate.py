@@ -148,7 +148,8 @@ class Extrapolator:
                 "score": scores, "measured": measured, "neighbour_distance": distance}
 
 
-def _variant_config(k: int, weighting: str, metric: str, same_label: bool, method: str = "exact") -> ExtrapolationConfig:
+def _variant_config(k: int, weighting: str, metric: str, same_label: bool,
+                    method: str = "exact") -> ExtrapolationConfig:
     return ExtrapolationConfig(k=k, weighting=weighting, same_label=same_label,
                                search=SearchConfig(metric=metric, method=method))
 
@@ -394,7 +395,8 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
     if record is None:
         stage.begin()
         measured = pq.read_table(score.scores_file)
-        check_finite_scores(measured["id"].to_numpy(), measured["score"].to_numpy(), f"subset scores {score.scores_file}")
+        check_finite_scores(measured["id"].to_numpy(), measured["score"].to_numpy(),
+                            f"subset scores {score.scores_file}")
         refs_table = embed_references(config, pool, split, score, plan)
         pq.write_table(refs_table, ref_file)
         refs = read_references(ref_file)

@@ -137,7 +137,8 @@ def assemble_scores(config: JobConfig, records_dir: Path, world: int, epochs: in
         for epoch, t in enumerate(tables):
             if not np.array_equal(t["id"].to_numpy(), ids):
                 raise RuntimeError(f"record of epoch {epoch}, shard {rank} holds different ids than epoch 0")
-        hist = {f: np.stack([t[f].to_numpy() for t in tables]) for f in (f"p_{sig}", f"margin_{sig}", f"l2_error_{sig}")}
+        hist = {f: np.stack([t[f].to_numpy() for t in tables])
+                for f in (f"p_{sig}", f"margin_{sig}", f"l2_error_{sig}")}
         for name, values in hist.items():
             bad = np.argwhere(~np.isfinite(values))
             if len(bad):

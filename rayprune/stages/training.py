@@ -117,7 +117,8 @@ def load_model_file(config: JobConfig, path: str | Path, num_classes: int, in_ch
 def check_resumed_model(checkpoint_path, saved_name: str | None, saved_world: int | None, config: JobConfig,
                         world: int) -> None:
     """A Ray Train checkpoint must come from the same model and number of workers."""
-    if (saved_name is not None and saved_name != config.model.name) or (saved_world is not None and saved_world != world):
+    if ((saved_name is not None and saved_name != config.model.name)
+            or (saved_world is not None and saved_world != world)):
         raise InputError(
             f"checkpoint {checkpoint_path} was written by {saved_world} worker(s) for model {saved_name!r}; this run "
             f"has {world} for model {config.model.name!r}: use a new output_dir"
