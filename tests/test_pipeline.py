@@ -10,6 +10,7 @@ import ray
 import torch
 from conftest import TINY_JOB
 
+from rayprune.choices import AUTOATTACK
 from rayprune.config import load_config
 from rayprune.data.pool import decode_images, pool_files, read_pool_info
 from rayprune.pipeline import run_pipeline
@@ -241,6 +242,12 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
     assert tags["pruned_dataset_digest"] == manifest["digests"]["select"]
     assert tags["scoring_run_id"] == children["score_subset"].info.run_id
     assert float(tags["robust_accuracy"]) == pytest.approx(job["summary"].robust_metrics["worst"])
+    description = versions[0].description  # what it was trained on and the per-attack table
+    metrics = job["summary"].robust_metrics
+    assert f"kept: {job['summary'].kept:,} rows" in description and "dynamic_uncertainty" in description
+    for name in ("clean", *AUTOATTACK):
+        assert f"| {name} | {metrics[name]:.4f} |" in description
+    assert f"| **worst case** | **{metrics['worst']:.4f}** |" in description
 
     mlflow.set_tracking_uri(job["uri"])
     try:
@@ -249,7 +256,7 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
         mlflow.set_tracking_uri(None)
     test = pads.dataset(pool_files(job["out"] / "test_pool" / "data"), format="parquet").to_table().sort_by("id")
     with torch.no_grad():
-        logits = loaded.eval()(to_float_images(decode_images(test["image"], (8, 8, 3))))
+        logits = loaded(to_float_images(decode_images(test["image"], (8, 8, 3))))  # exported in eval mode
     clean = (logits.argmax(1).numpy() == test["label"].to_numpy()).mean()
     assert clean == pytest.approx(children["evaluate"].data.metrics["test_clean"])
 

@@ -94,7 +94,7 @@ def run_fake_job(tracker: Tracker, tmp_path: Path, client: MlflowClient | None =
     return out
 
 
-def check_records(client: MlflowClient, out: dict, tracking_uri: str, monkeypatch) -> None:
+def check_records(client: MlflowClient, out: dict, tracking_uri: str, monkeypatch, tmp_path: Path) -> None:
     """What a finished fake job must leave in the store."""
     job = client.get_run(out["job"])
     assert job.info.status == "FINISHED"
@@ -148,11 +148,71 @@ def check_records(client: MlflowClient, out: dict, tracking_uri: str, monkeypatc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     loaded = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}@champion")
-    assert type(loaded) is type(out["models"][3]) and not loaded.training
-    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    assert not isinstance(loaded, type(out["models"][3]))  # an exported graph, not our class unpickled
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(7))  # another batch size than traced
     with torch.no_grad():
-        assert torch.allclose(loaded(x), out["models"][3].eval()(x))
+        assert torch.allclose(loaded(x), out["models"][3].eval()(x), atol=1e-6)
         assert not torch.allclose(loaded(x), out["models"][1].eval()(x))
+    version = client.get_model_version(MODEL_NAME, "3")
+    model_info = mlflow.models.get_model_info(version.source)
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "dl")))
+             .rglob("*") if p.is_file()}
+    assert "model.pt2" in files and not {"model.pth", "pickle_module_info.txt"} & files  # exported, not pickled
+    (spec_in,), (spec_out,) = model_info.signature.inputs.inputs, model_info.signature.outputs.inputs
+    assert (spec_in.type, spec_in.shape) == (np.dtype(np.float32), (-1, 3, 8, 8))
+    assert (spec_out.type, spec_out.shape) == (np.dtype(np.float32), (-1, 3))
+    assert "[0, 1]" in model_info.metadata["input"]
+    experiment = client.get_experiment(job.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+#: Loads the champion in a fresh interpreter in which importing rayprune fails.
+_LOAD_WITHOUT_RAYPRUNE = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rayprune" or name.startswith("rayprune."):
+            raise ImportError("rayprune is blocked in this test")
+sys.meta_path.insert(0, Refuse())
+sys.modules.pop("rayprune", None)
+try:
+    import rayprune  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the import block does not work")
+import mlflow.pytorch, numpy as np, torch
+model = mlflow.pytorch.load_model(sys.argv[1])
+x = torch.from_numpy(np.load(sys.argv[2]))
+np.save(sys.argv[3], model(x).detach().numpy())
+assert not any(m == "rayprune" or m.startswith("rayprune.") for m in sys.modules)
+"""
+
+
+def test_the_registered_model_loads_without_rayprune_and_without_pickle(tmp_path, one_torch_thread):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri=uri, experiment="test-rayprune", strict=True)
+    tracker.start_job("job")
+    model = _tiny_model(4).eval()
+    example = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    tracker.register_model(model, name=MODEL_NAME, input_example=example, metric_name="robust_acc",
+                           metric_value=0.4, description="a robust model")
+    tracker.end_job("FINISHED")
+    assert MlflowClient(uri).get_model_version(MODEL_NAME, "1").description == "a robust model"
+
+    x = np.random.default_rng(1).random((3, 3, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_RAYPRUNE, f"models:/{MODEL_NAME}@champion",
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, cwd=tmp_path, env=env,
+                   timeout=300)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-6)
 
 
 def test_sqlite_job_is_recorded(tmp_path, monkeypatch, one_torch_thread):
@@ -164,7 +224,7 @@ def test_sqlite_job_is_recorded(tmp_path, monkeypatch, one_torch_thread):
     # No global MLflow state left behind: no active run, global URI restored.
     assert mlflow.active_run() is None
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before and mlflow.get_tracking_uri() != uri
-    check_records(MlflowClient(uri), out, uri, monkeypatch)
+    check_records(MlflowClient(uri), out, uri, monkeypatch, tmp_path)
     experiment = MlflowClient(uri).get_experiment_by_name("test-rayprune")
     assert experiment.artifact_location == (tmp_path / "mlruns").as_uri()
     assert list((tmp_path / "mlruns").iterdir())
@@ -260,7 +320,7 @@ def test_real_mlflow_server(mlflow_server, tmp_path, monkeypatch, one_torch_thre
     tracker = Tracker(uri=uri, experiment="test-rayprune", strict=True)
     client = MlflowClient(uri)
     out = run_fake_job(tracker, tmp_path, client)
-    check_records(client, out, uri, monkeypatch)
+    check_records(client, out, uri, monkeypatch, tmp_path)
     assert any(artifacts.rglob("composition.png"))
 
 

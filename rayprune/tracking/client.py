@@ -52,6 +52,10 @@ SHORT_HTTP_POLICY: Mapping[str, str] = MappingProxyType({
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 })
 
+#: MLflow 3's UI opens an experiment without a kind in its GenAI view (our runs listed as
+#: "Evaluation runs"); this kind opens it as model training.
+EXPERIMENT_TAGS: Mapping[str, str] = MappingProxyType({"mlflow.experimentKind": "custom_model_development"})
+
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 _BATCH = 100  # params/tags per log_batch (MLflow allows 100 params, 1000 metrics)
 _MAX_ERROR_CHARS = 500
@@ -236,7 +240,7 @@ class Tracker:
         if found is None:
             try:
                 experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=sqlite_artifact_root(self.uri)
+                    self.experiment, artifact_location=sqlite_artifact_root(self.uri), tags=EXPERIMENT_TAGS
                 )
             except MlflowException:
                 found = client.get_experiment_by_name(self.experiment)  # created concurrently
@@ -245,6 +249,9 @@ class Tracker:
                 experiment_id = found.experiment_id
         else:
             experiment_id = found.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag: add, never change
+                if key not in found.tags:
+                    client.set_experiment_tag(experiment_id, key, value)
         self._experiment_id = experiment_id
         return experiment_id
 
@@ -445,16 +452,17 @@ class Tracker:
         higher_is_better: bool = True,
         tags: Mapping[str, Any] | None = None,
         pip_requirements: Sequence[str] | None = None,
+        description: str = "",
     ) -> ModelRegistration | None:
         """Log ``model`` to the current run and register it as a new version of ``name``.
 
         The version gets ``tags`` plus ``metric_name=metric_value``, alias ``candidate``, and
         alias ``champion`` if it beats the champion's metric (see
-        :func:`~rayprune.tracking.registry.tag_and_promote`). What is logged is a pickled
-        eval-mode CPU copy: it loads back as the same nn.Module class, so ``rayprune`` must
-        be importable where it is loaded; the signature comes from ``input_example`` (a
-        float32 batch). ``pip_requirements`` default: the installed versions of mlflow,
-        cloudpickle, numpy, pandas, torch and rayprune.
+        :func:`~rayprune.tracking.registry.tag_and_promote`) and ``description``. What is
+        logged is an eval-mode CPU copy exported as a graph (no pickle; loads without
+        rayprune, see :func:`~rayprune.tracking.registry.log_model_version`), traced on
+        ``input_example`` (a float32 NCHW batch of at least 2). ``pip_requirements``
+        default: the installed versions of mlflow, numpy, pandas and torch.
         """
         run_id = self._target()
         if run_id is None:
@@ -471,6 +479,7 @@ class Tracker:
             version = registry.log_model_version(
                 self._client, self.uri, self._ensure_experiment(), run_id, model,
                 name=name, input_example=input_example, pip_requirements=pip_requirements,
+                description=description,
             )
             becomes = registry.tag_and_promote(self._client, name, version, version_tags, metric_name, value,
                                                higher_is_better)

@@ -140,8 +140,8 @@ def record_job(tracker: Tracker, summary) -> None:
 
 
 def register_final_model(tracker: Tracker, config: JobConfig, model_file: Path, num_classes: int, image_shape,
-                         metrics: dict, tags: dict) -> ModelRegistration | None:
-    """Log the EMA model with an input example and register it (candidate / champion).
+                         metrics: dict, tags: dict, description: str = "") -> ModelRegistration | None:
+    """Log the EMA model (exported, traced on a mid-grey batch) and register it (candidate / champion).
 
     A rerun whose model was already registered (same ``model_digest`` tag) registers
     nothing new and returns that version.
@@ -159,7 +159,7 @@ def register_final_model(tracker: Tracker, config: JobConfig, model_file: Path, 
     example = np.full((2, c, h, w), 0.5, dtype=np.float32)
     return tracker.register_model(
         model, name=name, input_example=example,
-        metric_name="robust_accuracy", metric_value=float(metrics["worst"]), tags=tags,
+        metric_name="robust_accuracy", metric_value=float(metrics["worst"]), tags=tags, description=description,
     )
 
 

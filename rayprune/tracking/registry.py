@@ -29,8 +29,13 @@ CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
 
 #: Packages pinned in a registered model's requirements (MLflow's inference would find
-#: the same list but spends ~4 s per model in a subprocess).
-_MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "pandas", "torch", "rayprune")
+#: the same list but spends ~4 s per model in a subprocess). Not rayprune: the model is an
+#: exported graph (pt2) that loads without it.
+_MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "torch")
+
+#: What the registered model takes and returns, in its MLflow metadata and description.
+MODEL_INPUT = "float32 images, NCHW, pixels in [0, 1] (normalisation is inside the model)"
+MODEL_OUTPUT = "float32 logits, one row per image"
 
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
@@ -94,33 +99,51 @@ def log_model_version(
     name: str,
     input_example: np.ndarray,
     pip_requirements: Sequence[str],
+    description: str = "",
 ) -> int:
     """Log ``model`` as a logged model of run ``run_id`` and register it under ``name``; the version.
 
-    What is logged is an eval-mode CPU copy (MLflow runs the model on the example to infer
-    the signature, which would otherwise update BatchNorm statistics of a model in train
-    mode). It is pickled, so it loads back as the same nn.Module class.
+    What is logged is an eval-mode CPU copy exported with ``torch.export`` (MLflow's "pt2"
+    format): a graph and its weights, no pickled code, so ``mlflow.pytorch.load_model``
+    needs neither unpickling nor rayprune, and returns a module that maps a float32 NCHW
+    batch (any batch size) to logits. The signature says so: a float32 tensor of shape
+    (-1, C, H, W) in, (-1, classes) out. ``input_example`` (a float32 batch of at least 2,
+    so the batch dimension is exported as dynamic) traces the graph.
     """
     import copy
 
     import mlflow.pytorch
     import numpy as np
+    import torch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
     snapshot = copy.deepcopy(model).cpu().eval()
     example = np.ascontiguousarray(np.asarray(input_example, dtype=np.float32))
+    if example.ndim != 4 or example.shape[0] < 2:
+        raise ValueError(f"input_example must be an NCHW batch of at least 2 images; got shape {example.shape}")
+    with torch.no_grad():
+        n_outputs = snapshot(torch.from_numpy(example)).shape[1]
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_outputs))]))
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
     with _global_uris(uri):
         info = mlflow.pytorch.log_model(
             snapshot,
             name="model",
             input_example=example,
+            signature=signature,
             registered_model_name=name,
-            serialization_format="pickle",
+            serialization_format="pt2",
             pip_requirements=list(pip_requirements),
+            metadata={"input": MODEL_INPUT, "output": MODEL_OUTPUT},
             model_id=logged.model_id,
             run_id=run_id,
         )
-    return int(info.registered_model_version)
+    version = int(info.registered_model_version)
+    if description:
+        client.update_model_version(name, str(version), description=description)
+    return version
 
 
 def tag_and_promote(
