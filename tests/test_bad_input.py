@@ -1,4 +1,4 @@
-"""Bad input (issue 6): every case is a one-line error naming the file, row, id or option.
+"""Bad input: every case is a one-line error naming the file, row, id or option.
 
 Pools are crafted with pyarrow and checked by the preflight functions directly; the
 command line is run for real (``jobs/prune.py`` in a subprocess) on a bad pool, where the

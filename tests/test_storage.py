@@ -1,4 +1,4 @@
-"""Pools and published outputs on local paths and on S3 (issue 7).
+"""Pools and published outputs on local paths and on S3.
 
 S3 is real S3 API traffic to a moto server on 127.0.0.1 (no internet): pyarrow's own
 S3FileSystem talks to it, with the endpoint given in the URIs' query
