@@ -566,14 +566,6 @@ def test_rayjob_cluster_has_a_cpu_head_a_gpu_group_and_a_cpu_group_that_fit_the_
 # --------------------------------------------------------------------------- README
 
 
-def test_readme_section_sits_after_configuration_and_before_development():
-    titles = re.findall(r"^## (.+)$", README, re.MULTILINE)
-    position = titles.index("Run on a cluster")
-    assert titles.index("Configuration") < position
-    if "Development" in titles:
-        assert position < titles.index("Development")
-
-
 def test_readme_builds_the_image_the_deployments_use():
     tag = readme_image_tag()
     assert tag.rsplit(":", 1)[1] == PYPROJECT["project"]["version"], "the image tag is the package version"
