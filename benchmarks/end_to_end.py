@@ -66,7 +66,7 @@ PAYOFF = {"ci": None,
           "full": {"seeds": (0, 1), "overrides": {"evaluation.attacks": "clean,pgd_ce,apgd_ce",
                                                   "evaluation.demo_test_size": 1000}}}
 STAGES = ("split", "score_subset", "extrapolate", "select")
-LEARNED_MIN_GAIN = 0.1  # the target: learned >= kNN + 0.1 Spearman
+LEARNED_MIN_GAIN = 0.1  # goal: learned extrapolation >= kNN + 0.1 Spearman
 CEILING_SHARE = 0.9  # and the default extrapolation >= 0.9x the noise ceiling
 
 

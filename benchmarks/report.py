@@ -21,7 +21,8 @@ class Comparison:
 
     ``ratio`` is candidate/baseline when higher is better (throughput) and
     baseline/candidate when lower is better (time, memory, compute), so a ratio above
-    1 always means the candidate wins. ``target`` is the ratio the issue asks for.
+    1 always means the candidate wins. ``target`` is the ratio the project sets as
+    its goal for that comparison (None: measured, no goal).
     """
 
     what: str

@@ -101,7 +101,8 @@ def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: i
     """A warning when the scoring run saw far fewer samples than the final training.
 
     Scores from a run with too small a step budget can disagree with full-run scores
-    while the probe still looks healthy (method.md): the probe cannot catch this.
+    while the probe still looks healthy (docs/method.md,
+    "The scoring run's budget"): the probe cannot catch this.
     """
     if not final_steps:
         return None

@@ -1,4 +1,5 @@
-"""Shared test settings: Ray without token auth on loopback, and the tiny job config."""
+"""Shared test settings and helpers: Ray without token auth on loopback, the tiny job config,
+the blob data and small CNNs of the attack tests, and the checks of one-line errors."""
 
 import os
 import signal
@@ -7,9 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # torch is imported where it is used: most test files never load it
+    import torch
 
 # Tests start and stop many short-lived local clusters; the product keeps auth on.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -111,6 +117,10 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+#: The type of ``blob_sampler``: ``sample(n, seed) -> (images, labels)``.
+Sampler = Callable[[int, int], tuple["torch.Tensor", "torch.Tensor"]]
+
+
 @pytest.fixture(scope="module")
 def blob_sampler():
     """Four classes of 3x8x8 images: a class prototype plus Gaussian pixel noise.
@@ -131,8 +141,25 @@ def blob_sampler():
     return sample
 
 
-def fit_small_cnn(sampler, n_samples: int, steps: int):
-    """A width-8 SmallCNN after ``steps`` Adam steps on ``sampler`` data, in eval mode."""
+@pytest.fixture(scope="module")
+def sample_batch(blob_sampler):
+    """256 blob images and labels, drawn with a seed no trained model has seen."""
+    return blob_sampler(256, 3)
+
+
+def seeded_generator(seed: int):
+    """A torch.Generator seeded with ``seed``, for reproducible random starts in attack tests."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def fit_small_cnn(sampler, n_samples: int, steps: int, pgd_from: int | None = None, pgd_eps: float = 2 / 255):
+    """A width-8 SmallCNN after ``steps`` Adam steps on ``sampler`` data, in eval mode.
+
+    With ``pgd_from``, every step from that one on trains on the batch's PGD-2 adversarial
+    version (L-inf ``pgd_eps``, random start): light adversarial training.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -143,14 +170,55 @@ def fit_small_cnn(sampler, n_samples: int, steps: int):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = sampler(n_samples, 1)
     g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        xb, yb = x[idx], y[idx]
+        if pgd_from is not None and step >= pgd_from:
+            xa = (xb + (2 * torch.rand(xb.shape, generator=g) - 1) * pgd_eps).clamp(0, 1)
+            for _ in range(2):
+                xa.requires_grad_(True)
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)
+                xa = xa.detach() + pgd_eps / 2 * grad.sign()
+                xa = torch.min(torch.max(xa, xb - pgd_eps), xb + pgd_eps).clamp(0, 1)
+            xb = xa.detach()
+        loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
+
+
+@pytest.fixture
+def no_ray_no_mlflow(monkeypatch):
+    """Fail the test if the job gets as far as starting Ray or MLflow."""
+    def forbidden(*_a, **_k):
+        raise AssertionError("the job started Ray or MLflow: bad input got past the checks")
+
+    monkeypatch.setattr("rayprune.stages.resources.connect", forbidden)
+    monkeypatch.setattr("rayprune.tracking.job.make_tracker", forbidden)
+
+
+def one_line_error(error: type[BaseException], parts, fn, *args, **kwargs) -> str:
+    """``fn(*args, **kwargs)`` raises ``error`` with a one-line message containing every part;
+    returns the message."""
+    with pytest.raises(error) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert str(part) in message, f"{part!r} not in {message!r}"
+    return message
+
+
+class EvilPickle:
+    """Unpickling this runs ``touch <marker>``: a file that must never appear."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def tree_snapshot(root: Path) -> dict[str, object]:

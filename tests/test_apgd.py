@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_small_cnn
+from conftest import Sampler, fit_small_cnn, seeded_generator
 from torch import nn
 
 from rayprune.robust.apgd import (
@@ -22,8 +21,6 @@ from rayprune.robust.apgd import (
     dlr_targeted_loss,
 )
 from rayprune.robust.models import SmallCNN
-
-Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 LINF_EPS = 6 / 255  # the tiny model's PGD accuracy sits mid-range (~40-50%) here
 L2_EPS = 0.25
@@ -40,18 +37,9 @@ def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     return fit_small_cnn(blob_sampler, 2048, 100)
 
 
-@pytest.fixture(scope="module")
-def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    return blob_sampler(256, 3)
-
-
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(dim=1) == y).float().mean().item()
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------- textbook references
@@ -103,7 +91,7 @@ def test_apgd_ce_at_least_as_strong_as_textbook_pgd(norm: str, trained_cnn: nn.M
     x, y = sample_batch
     eps = LINF_EPS if norm == "linf" else L2_EPS
     pgd_acc = _accuracy(trained_cnn, textbook_pgd(trained_cnn, x, y, norm, eps, eps / 4, 20, seed=5), y)
-    x_adv = apgd_attack(trained_cnn, x, y, norm=norm, eps=eps, steps=20, generator=_gen(6))
+    x_adv = apgd_attack(trained_cnn, x, y, norm=norm, eps=eps, steps=20, generator=seeded_generator(6))
     _assert_in_threat_model(x_adv, x, norm, eps)
     apgd_acc = _accuracy(trained_cnn, x_adv, y)
     assert 0.15 < pgd_acc < _accuracy(trained_cnn, x, y) - 0.2  # the comparison means something
@@ -116,8 +104,8 @@ def test_standard_budget_apgd_ce_and_apgd_t(trained_cnn: nn.Module, sample_batch
     x, y = x[:96], y[:96]
     x_pgd = textbook_pgd(trained_cnn, x, y, "linf", LINF_EPS, LINF_EPS / 4, 20, seed=5)
     pgd_acc = _accuracy(trained_cnn, x_pgd, y)
-    x_ce = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=100, generator=_gen(1))
-    x_t = apgd_targeted(trained_cnn, x, y, eps=LINF_EPS, steps=100, generator=_gen(2))
+    x_ce = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=100, generator=seeded_generator(1))
+    x_t = apgd_targeted(trained_cnn, x, y, eps=LINF_EPS, steps=100, generator=seeded_generator(2))
     for x_adv in (x_ce, x_t):
         _assert_in_threat_model(x_adv, x, "linf", LINF_EPS)
         assert _accuracy(trained_cnn, x_adv, y) <= pgd_acc + 0.02
@@ -127,8 +115,8 @@ def test_dlr_and_targeted_reach_textbook_strength(trained_cnn: nn.Module, sample
     x, y = sample_batch
     x_pgd = textbook_pgd(trained_cnn, x, y, "linf", LINF_EPS, LINF_EPS / 4, 20, seed=5)
     pgd_acc = _accuracy(trained_cnn, x_pgd, y)
-    x_dlr = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=20, loss="dlr", generator=_gen(3))
-    x_t = apgd_targeted(trained_cnn, x, y, eps=LINF_EPS, steps=20, generator=_gen(4))
+    x_dlr = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=20, loss="dlr", generator=seeded_generator(3))
+    x_t = apgd_targeted(trained_cnn, x, y, eps=LINF_EPS, steps=20, generator=seeded_generator(4))
     assert _accuracy(trained_cnn, x_dlr, y) <= pgd_acc + 0.03
     assert _accuracy(trained_cnn, x_t, y) <= pgd_acc + 0.02
 
@@ -136,14 +124,14 @@ def test_dlr_and_targeted_reach_textbook_strength(trained_cnn: nn.Module, sample
 def test_more_restarts_only_break_more(trained_cnn: nn.Module, sample_batch: tuple) -> None:
     """The first restart of a 3-restart run is the 1-restart run; later restarts only add."""
     x, y = sample_batch
-    one = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, generator=_gen(9))
-    three = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, restarts=3, generator=_gen(9))
+    one = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, generator=seeded_generator(9))
+    three = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, restarts=3, generator=seeded_generator(9))
     with torch.no_grad():
         broken_one = trained_cnn(one).argmax(dim=1) != y
         broken_three = trained_cnn(three).argmax(dim=1) != y
     assert (broken_one & ~broken_three).sum() == 0
     assert torch.equal(one[broken_one], three[broken_one])  # first hit is kept
-    again = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, generator=_gen(9))
+    again = apgd_attack(trained_cnn, x, y, eps=LINF_EPS, steps=10, generator=seeded_generator(9))
     assert torch.equal(one, again)  # the generator makes runs reproducible
 
 
@@ -164,11 +152,11 @@ def test_invariants(norm: str, variant: str, trained_cnn: nn.Module, sample_batc
         flags = [m.training for m in model.modules()]
         if variant == "apgd_t":
             x_adv = apgd_targeted(model, x, y, norm=norm, eps=eps, steps=5, n_target_classes=2,
-                                  generator=_gen(0))
+                                  generator=seeded_generator(0))
         else:
             target = (y + 1) % 4 if variant == "dlr_targeted" else None
             x_adv = apgd_attack(model, x, y, norm=norm, eps=eps, steps=5, loss=variant,
-                                target=target, generator=_gen(0))
+                                target=target, generator=seeded_generator(0))
         assert [m.training for m in model.modules()] == flags
         assert all(p.grad is None for p in model.parameters())
         assert not x_adv.requires_grad and x_adv.shape == x.shape
@@ -183,7 +171,7 @@ def test_clean_misclassified_samples_returned_unchanged(trained_cnn: nn.Module,
     with torch.no_grad():
         miss = trained_cnn(x).argmax(dim=1) != wrong
     assert miss.sum() > 200
-    x_adv = apgd_attack(trained_cnn, x, wrong, eps=LINF_EPS, steps=5, generator=_gen(0))
+    x_adv = apgd_attack(trained_cnn, x, wrong, eps=LINF_EPS, steps=5, generator=seeded_generator(0))
     assert torch.equal(x_adv[miss], x[miss])
     assert torch.equal(apgd_attack(trained_cnn, x, y, eps=0.0, steps=5), x)
 
@@ -286,7 +274,7 @@ def test_binary_linear_model_exact_distances(norm: str, eps: float) -> None:
     breakable = dist < 0.999 * eps
     safe = dist > 1.001 * eps
     assert breakable.sum() > 50 and safe.sum() > 50  # both kinds are well represented
-    x_adv = apgd_attack(model, x, y, norm=norm, eps=eps, steps=20, generator=_gen(0))
+    x_adv = apgd_attack(model, x, y, norm=norm, eps=eps, steps=20, generator=seeded_generator(0))
     _assert_in_threat_model(x_adv, x, norm, eps)
     with torch.no_grad():
         broken = model(x_adv).argmax(dim=1) != y
@@ -316,9 +304,9 @@ def test_multiclass_linear_model_exact_distances(variant: str, num_classes: int)
     safe = dist > 1.001 * eps
     assert breakable.sum() > 100 and safe.sum() > 50
     if variant == "apgd_t":
-        x_adv = apgd_targeted(model, x, y, eps=eps, steps=20, n_target_classes=9, generator=_gen(0))
+        x_adv = apgd_targeted(model, x, y, eps=eps, steps=20, n_target_classes=9, generator=seeded_generator(0))
     else:
-        x_adv = apgd_attack(model, x, y, eps=eps, steps=20, loss=variant, generator=_gen(0))
+        x_adv = apgd_attack(model, x, y, eps=eps, steps=20, loss=variant, generator=seeded_generator(0))
     _assert_in_threat_model(x_adv, x, "linf", eps)
     with torch.no_grad():
         broken = model(x_adv).argmax(dim=1) != y

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_small_cnn
+from conftest import Sampler, fit_small_cnn
 from torch import nn
 
 from rayprune.robust.attacks import AttackConfig, attack_objective, l2_128_255, linf_8_255, pgd_attack
 from rayprune.robust.metrics import true_class_stats
 from rayprune.robust.models import SmallCNN
-
-Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 LINF_EPS = 4 / 255  # the tiny model's adversarial accuracy sits mid-range here
 L2_EPS = 0.2
@@ -32,11 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     """A SmallCNN trained for a few dozen steps (~95% clean accuracy), in eval mode."""
     return fit_small_cnn(blob_sampler, 1024, 50)
-
-
-@pytest.fixture(scope="module")
-def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    return blob_sampler(256, 3)
 
 
 def _model_copy(model: nn.Module) -> nn.Module:

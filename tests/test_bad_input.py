@@ -1,4 +1,4 @@
-"""Bad input (issue 6): every case is a one-line error naming the file, row, id or option.
+"""Bad input: every case is a one-line error naming the file, row, id or option.
 
 Pools are crafted with pyarrow and checked by the preflight functions directly; the
 command line is run for real (``jobs/prune.py`` in a subprocess) on a bad pool, where the
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import EvilPickle, one_line_error
 
 from rayprune.config import ConfigError, load_config
 from rayprune.data.pool import (
@@ -72,13 +73,7 @@ def good_pool(path: Path, n: int = 40, real: int = 10, rows_per_file: int = 20) 
 
 def expect(parts, fn, *args, error=InputError):
     """``fn(*args)`` raises ``error`` with a one-line message containing every part."""
-    with pytest.raises(error) as info:
-        fn(*args)
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert str(part) in message, (part, message)
-    return message
+    return one_line_error(error, parts, fn, *args)
 
 
 # ----------------------------------------------------------------------------- Parquet files
@@ -423,20 +418,12 @@ def test_checkpoint_from_a_different_model_names_both(tmp_path):
            small_config(width=16), path, 5, 3)
 
 
-class Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_untrusted_checkpoints_are_refused_not_unpickled(tmp_path):
     from rayprune.stages.training import load_model_file
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"weight": Evil(marker)}, evil)
+    torch.save({"weight": EvilPickle(marker)}, evil)
     message = expect([evil, "not a weights-only state dict", "refused"], load_model_file, small_config(), evil, 3, 3)
     assert not marker.exists() and "weights_only=False" not in message
     truncated = tmp_path / "short.pt"

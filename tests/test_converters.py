@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import tree_snapshot
+from conftest import EvilPickle, one_line_error, tree_snapshot
 from PIL import Image
 
 from rayprune.data import converters
@@ -110,13 +110,8 @@ def read_pool(out):
 
 
 def expect_error(match_parts, fn, *args, **kwargs):
-    with pytest.raises(PoolError) as err:
-        fn(*args, **kwargs)
-    msg = str(err.value)
-    assert "\n" not in msg
-    for part in match_parts:
-        assert str(part) in msg, f"{part!r} not in {msg!r}"
-    return msg
+    """``fn`` raises a PoolError with a one-line message naming every part."""
+    return one_line_error(PoolError, match_parts, fn, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -397,14 +392,6 @@ def test_truncated_cifar10_binary(tmp_path):
     check_fails(tmp_path, InputSpec("cifar10", d, split="test"), [d / "test_batch.bin", "row 3", "truncated"])
 
 
-class Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 class EvilEval:
     def __init__(self, marker):
         self.marker = marker
@@ -413,7 +400,7 @@ class EvilEval:
         return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-@pytest.mark.parametrize("evil", [Evil, EvilEval])
+@pytest.mark.parametrize("evil", [EvilPickle, EvilEval])
 @pytest.mark.parametrize("where", ["data_batch_2", "batches.meta"])
 def test_malicious_cifar_pickle_is_refused_not_executed(tmp_path, evil, where):
     d, _ = write_cifar_py(tmp_path / "c", np.random.default_rng(10))

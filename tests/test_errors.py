@@ -2,8 +2,6 @@
 
 import traceback
 
-import pytest
-
 from rayprune.config import ConfigError
 from rayprune.data.pool import PoolError
 from rayprune.errors import InputError, one_line, user_error_message
@@ -100,12 +98,27 @@ def test_ray_data_udf_error_whose_cause_was_lost_in_pickling():
                                            ip="127.0.0.1")) is None
 
 
+class WorkerExceptionStandIn(Exception):
+    """What Ray Train puts in ``WorkerGroupError.worker_failures`` for a worker's exception.
+
+    Ray's own class (UserExceptionWithTraceback in Ray 2.60) is internal. Its shape is what
+    rayprune.errors relies on: the worker's exception under ``_base_exc``, the worker's
+    traceback text under ``_traceback_str``, ``str()`` giving that text and no ``args``.
+    """
+
+    def __init__(self, exc: BaseException, traceback_str: str):
+        self._base_exc = exc
+        self._traceback_str = traceback_str
+
+    def __str__(self) -> str:
+        return self._traceback_str
+
+
 def test_ray_train_worker_group_error():
-    train_exceptions = pytest.importorskip("ray.train.v2._internal.exceptions")
     from ray.train import WorkerGroupError
 
     inner = PoolError("rows at /s, id 4: image has 10 bytes")
-    wrapped = train_exceptions.UserExceptionWithTraceback(inner, traceback_str="Traceback ...\nPoolError: ...")
+    wrapped = WorkerExceptionStandIn(inner, traceback_str="Traceback ...\nPoolError: ...")
     error = WorkerGroupError("[Rank 0] ...", {0: wrapped, 1: wrapped})
     assert user_error_message(error) == "rows at /s, id 4: image has 10 bytes"
 

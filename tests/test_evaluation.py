@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Sampler, fit_small_cnn, seeded_generator
 from torch import nn
 
 from rayprune.robust.attacks import AttackConfig
@@ -19,8 +19,6 @@ from rayprune.robust.evaluation import (
     summarize,
 )
 from rayprune.robust.models import SmallCNN
-
-Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 LINF_EPS = 6 / 255  # the tiny model's PGD accuracy sits mid-range (~40-50%) here
 
@@ -33,38 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def trained_cnn(blob_sampler: Sampler) -> SmallCNN:
     """A width-8 SmallCNN after 100 Adam steps, the last 40 of them PGD-2 adversarial, in eval mode."""
-    torch.manual_seed(0)
-    model = SmallCNN(num_classes=4, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = blob_sampler(2048, 1)
-    g = torch.Generator().manual_seed(2)
-    eps = 2 / 255
-    for step in range(100):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        xb, yb = x[idx], y[idx]
-        if step >= 60:  # light adversarial training: PGD-2 from a random start
-            xa = (xb + (2 * torch.rand(xb.shape, generator=g) - 1) * eps).clamp(0, 1)
-            for _ in range(2):
-                xa.requires_grad_(True)
-                (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)
-                xa = xa.detach() + eps / 2 * grad.sign()
-                xa = torch.min(torch.max(xa, xb - eps), xb + eps).clamp(0, 1)
-            xb = xa.detach()
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_small_cnn(blob_sampler, 2048, 100, pgd_from=60, pgd_eps=2 / 255)
 
 
 @pytest.fixture(scope="module")
-def sample_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_batch(blob_sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """200 blob images the model has not seen (the other attack tests use ``sample_batch``, 256)."""
     return blob_sampler(200, 3)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _fast(**kwargs: object) -> EvalConfig:
@@ -91,9 +64,9 @@ def textbook_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 # ------------------------------------------------------------------ robust_correct
 
 
-def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, sample_batch: tuple) -> None:
-    x, y = sample_batch
-    correct = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(0))
+def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, eval_batch: tuple) -> None:
+    x, y = eval_batch
+    correct = robust_correct(trained_cnn, x, y, _fast(), generator=seeded_generator(0))
     assert set(correct) == {*EVAL_ATTACKS, "worst"}
     for value in correct.values():
         assert isinstance(value, np.ndarray) and value.dtype == bool and value.shape == (len(x),)
@@ -116,10 +89,10 @@ def test_worst_is_and_and_clean_is_argmax(trained_cnn: nn.Module, sample_batch: 
     assert summary["clean"] - summary["worst"] > 0.2  # the attacks do something here
 
 
-def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, sample_batch: tuple) -> None:
-    x, y = sample_batch
+def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, eval_batch: tuple) -> None:
+    x, y = eval_batch
     textbook = textbook_pgd_accuracy(trained_cnn, x, y, LINF_EPS, steps=20, seed=11)
-    correct = robust_correct(trained_cnn, x, y, _fast(pgd_steps=20), generator=_gen(1))
+    correct = robust_correct(trained_cnn, x, y, _fast(pgd_steps=20), generator=seeded_generator(1))
     summary = summarize(correct)
     assert 0.15 < textbook < summary["clean"] - 0.2  # a mid-range regime, not a trivial one
     assert summary["worst"] <= textbook
@@ -127,46 +100,46 @@ def test_worst_at_most_textbook_pgd(trained_cnn: nn.Module, sample_batch: tuple)
     assert summary["pgd_ce"] == pytest.approx(textbook, abs=0.05)  # same attack, other random start
 
 
-def test_standard_budget_on_small_batch(trained_cnn: nn.Module, sample_batch: tuple) -> None:
-    x, y = sample_batch
+def test_standard_budget_on_small_batch(trained_cnn: nn.Module, eval_batch: tuple) -> None:
+    x, y = eval_batch
     x, y = x[:64], y[:64]
     config = EvalConfig.standard("linf", LINF_EPS, batch_size=32)
-    summary = summarize(robust_correct(trained_cnn, x, y, config, generator=_gen(2)))
+    summary = summarize(robust_correct(trained_cnn, x, y, config, generator=seeded_generator(2)))
     assert summary["n"] == 64
     assert summary["worst"] <= textbook_pgd_accuracy(trained_cnn, x, y, LINF_EPS, steps=20, seed=11)
 
 
 def test_per_attack_result_independent_of_other_attacks(trained_cnn: nn.Module,
-                                                        sample_batch: tuple) -> None:
+                                                        eval_batch: tuple) -> None:
     """Each attack's array is what that attack alone gives (every attack sees every
     clean-correct sample), so dropping other attacks from the config changes nothing."""
-    x, y = sample_batch
+    x, y = eval_batch
     x, y = x[:100], y[:100]
-    full = robust_correct(trained_cnn, x, y, _fast(), generator=_gen(3))
+    full = robust_correct(trained_cnn, x, y, _fast(), generator=seeded_generator(3))
     for name in ("pgd_cw", "apgd_t"):
-        alone = robust_correct(trained_cnn, x, y, _fast(attacks=(name,)), generator=_gen(3))
+        alone = robust_correct(trained_cnn, x, y, _fast(attacks=(name,)), generator=seeded_generator(3))
         assert set(alone) == {name, "worst"}
         np.testing.assert_array_equal(alone[name], full[name])
         np.testing.assert_array_equal(alone["worst"], full[name])
 
 
-def test_clean_only_is_batch_size_invariant(trained_cnn: nn.Module, sample_batch: tuple) -> None:
-    x, y = sample_batch
+def test_clean_only_is_batch_size_invariant(trained_cnn: nn.Module, eval_batch: tuple) -> None:
+    x, y = eval_batch
     one = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=7))
     two = robust_correct(trained_cnn, x, y, _fast(attacks=("clean",), batch_size=500))
     np.testing.assert_array_equal(one["clean"], two["clean"])
     np.testing.assert_array_equal(one["worst"], one["clean"])
 
 
-def test_modes_inputs_and_grads_untouched(trained_cnn: nn.Module, sample_batch: tuple) -> None:
-    x, y = sample_batch
+def test_modes_inputs_and_grads_untouched(trained_cnn: nn.Module, eval_batch: tuple) -> None:
+    x, y = eval_batch
     x, y = x[:40], y[:40]
     model = copy.deepcopy(trained_cnn).train()
     model.body[1].eval()  # mixed modes must come back exactly
     flags = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x_before = x.clone()
-    correct = robust_correct(model, x, y, _fast(batch_size=16), generator=_gen(4))
+    correct = robust_correct(model, x, y, _fast(batch_size=16), generator=seeded_generator(4))
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
     for key, value in model.state_dict().items():  # eval mode: BN running stats not updated

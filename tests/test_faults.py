@@ -6,6 +6,7 @@ and a run whose training worker or embedding actor was killed must end with the 
 results as if nothing had happened.
 """
 
+import json
 import logging
 import os
 import signal
@@ -44,11 +45,15 @@ def run_job(out: Path, **overrides):
 
 
 def outputs(out: Path) -> dict:
-    """What a run decided: its subset, the subset's scores, every pool score, the kept ids."""
-    scores = pads.dataset(str(out / "extrapolate" / "scores"), format="parquet").to_table().sort_by("id")
+    """What a run decided: its subset, the subset's scores, every pool score, the kept ids.
+
+    Files are found where the run's manifest says they are; the subset's id list has no
+    entry there, so it is read from the split stage's directory."""
+    where = json.loads((out / "manifest.json").read_text())["summary"]["outputs"]
+    scores = pads.dataset(where["scores"], format="parquet").to_table().sort_by("id")
     subset = pq.read_table(out / "split" / "subset_ids.parquet")["id"].to_numpy()
-    subset_scores = next((out / "score_subset").glob("*scores.parquet"))
-    kept = pq.read_table(next((out / "select").glob("kept*.parquet")))["id"].to_numpy()
+    subset_scores = where["subset_scores"]
+    kept = pq.read_table(where["kept_ids"])["id"].to_numpy()
     return {"subset": np.sort(subset), "subset_scores": pq.read_table(subset_scores).sort_by("id"),
             "ids": scores["id"].to_numpy(), "scores": scores["score"].to_numpy(), "kept": np.sort(kept)}
 

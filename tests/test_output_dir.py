@@ -61,16 +61,6 @@ def run_cli(argv, capsys) -> str:
     return err
 
 
-@pytest.fixture
-def no_ray_no_mlflow(monkeypatch):
-    """Fail the test if the job gets as far as starting Ray or MLflow."""
-    def forbidden(*_a, **_k):
-        raise AssertionError("the job started Ray or MLflow for input that should have been refused")
-
-    monkeypatch.setattr("rayprune.stages.resources.connect", forbidden)
-    monkeypatch.setattr("rayprune.tracking.job.make_tracker", forbidden)
-
-
 # ------------------------------------------------------------------- not a rayprune run
 
 

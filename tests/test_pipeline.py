@@ -36,8 +36,8 @@ def job(tmp_path_factory):
         marks_after = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
     finally:
         ray.shutdown()
-    pool = pads.dataset(pool_files(out / "pool" / "data"), format="parquet").to_table().sort_by("id")
-    scores = pads.dataset(str(out / "extrapolate" / "scores"), format="parquet").to_table().sort_by("id").to_pandas()
+    pool = pads.dataset(pool_files(summary.outputs["pool"]), format="parquet").to_table().sort_by("id")
+    scores = pads.dataset(summary.outputs["scores"], format="parquet").to_table().sort_by("id").to_pandas()
     return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
             "pool": pool, "scores": scores, "uri": uri}
 
@@ -61,7 +61,7 @@ def test_measured_ids_are_exactly_the_subset(job):
 
 
 def test_kept_counts_per_class_and_real_all_kept(job):
-    kept = pq.read_table(job["out"] / "select" / "kept_ids.parquet").to_pandas()
+    kept = pq.read_table(job["summary"].outputs["kept_ids"]).to_pandas()
     scores = job["scores"]
     assert set(scores.id[scores.source == "real"]) <= set(kept.id)
     syn = scores[scores.source == "synthetic"]
@@ -76,10 +76,10 @@ def test_kept_counts_per_class_and_real_all_kept(job):
 
 
 def test_pruned_pool_rows_are_identical_to_input_rows(job):
-    pruned_dir = job["out"] / "select" / "pruned_pool"
+    pruned_dir = job["summary"].outputs["pruned_pool"]
     info = read_pool_info(pruned_dir)
     pruned = pads.dataset(pool_files(pruned_dir, info), format="parquet").to_table().sort_by("id")
-    kept = pq.read_table(job["out"] / "select" / "kept_ids.parquet")["id"].to_numpy()
+    kept = pq.read_table(job["summary"].outputs["kept_ids"])["id"].to_numpy()
     np.testing.assert_array_equal(pruned["id"].to_numpy(), np.sort(kept))
     assert info.num_rows == len(kept) and info.image_shape == (8, 8, 3)
     source_rows = job["pool"].take(pruned["id"].to_numpy())
@@ -180,12 +180,13 @@ def test_final_model_and_evaluation(job):
     assert set(metrics) == {*order, "worst", "n"}
     assert all(metrics[a] >= metrics[b] for a, b in zip(order, order[1:]))  # the AutoAttack cascade
     assert metrics["worst"] == metrics["square"]
-    per_sample = pq.read_table(job["out"] / "evaluate" / "per_sample.parquet").to_pandas()
+    per_sample = pq.read_table(summary.outputs["evaluation"]).to_pandas()
     assert (per_sample["broken_by"] == "").mean() == pytest.approx(metrics["worst"])  # the survivors
     protocol = json.loads((job["out"] / "evaluate" / "protocol.json").read_text())
     assert protocol["protocol"] == "autoattack" and not protocol["standard"]  # the tiny job's budgets are reduced
     assert "Square queries 20 < 5000" in protocol["reductions"] and summary.evaluation.endswith(protocol["label"])
-    test_dir = job["out"] / "test_pool" / "data"
+    manifest = json.loads((job["out"] / "manifest.json").read_text())
+    test_dir = manifest["stages"]["test_pool"]["outputs"]["path"]  # the demo test split the run generated
     test = pads.dataset(pool_files(test_dir), format="parquet").to_table().sort_by("id")
     model = model_from_config(job["config"], 3, 3)
     model.load_state_dict(torch.load(summary.outputs["final_model"], weights_only=True))
@@ -197,7 +198,6 @@ def test_final_model_and_evaluation(job):
     per_sample = pq.read_table(summary.outputs["evaluation"]).to_pandas()
     assert sorted(per_sample.id) == sorted(test["id"].to_pylist())
     assert summary.final_training_steps == 6  # 2 epochs x 3 steps, the explicit budget
-    manifest = json.loads((job["out"] / "manifest.json").read_text())
     assert [h["epoch"] for h in manifest["final_history"]] == [0, 1]
     compute = manifest["summary"]["compute"]
     assert compute["scoring_recording"]["spent"] < compute["scoring_recording"]["whole_pool"]
@@ -254,7 +254,8 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
         loaded = mlflow.pytorch.load_model("models:/rayprune-robust@champion")
     finally:
         mlflow.set_tracking_uri(None)
-    test = pads.dataset(pool_files(job["out"] / "test_pool" / "data"), format="parquet").to_table().sort_by("id")
+    test_dir = manifest["stages"]["test_pool"]["outputs"]["path"]
+    test = pads.dataset(pool_files(test_dir), format="parquet").to_table().sort_by("id")
     with torch.no_grad():
         logits = loaded(to_float_images(decode_images(test["image"], (8, 8, 3))))  # exported in eval mode
     clean = (logits.argmax(1).numpy() == test["label"].to_numpy()).mean()
@@ -294,7 +295,7 @@ def test_probe_quality_report_matches_direct_computation(job):
 
 def test_random_baseline_has_the_same_size_composition_and_budget(job):
     out = job["out"]
-    chosen = read_pool_info(out / "select" / "pruned_pool")
+    chosen = read_pool_info(job["summary"].outputs["pruned_pool"])
     random = read_pool_info(out / "random_baseline" / "pruned_pool")
     assert random.num_rows == chosen.num_rows and random.sources == chosen.sources
     table = pads.dataset(pool_files(out / "random_baseline" / "pruned_pool"), format="parquet").to_table()
@@ -306,7 +307,7 @@ def test_random_baseline_has_the_same_size_composition_and_budget(job):
     sizes = syn.groupby("label").size()
     quotas = dict(zip(sizes.index, class_quotas(sizes.to_numpy(), len(kept_syn))))
     assert kept_syn.groupby("label").size().to_dict() == quotas  # class-balanced like the selection
-    selected = set(pq.read_table(out / "select" / "kept_ids.parquet")["id"].to_pylist())
+    selected = set(pq.read_table(job["summary"].outputs["kept_ids"])["id"].to_pylist())
     assert set(kept_syn.id) != selected & set(syn.id)  # a different subset
     history = json.loads((out / "final_train_random" / "history.json").read_text())["history"]
     assert len(history) == 2  # the same explicit budget as the final training

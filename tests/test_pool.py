@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from conftest import tree_snapshot
+from conftest import one_line_error, tree_snapshot
 
 from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
 from rayprune.data.pool import (
@@ -149,12 +149,7 @@ def write_meta(path, **changes):
 def expect_refused(root, parts, fn, *args, **kwargs):
     """``fn`` raises one one-line PoolError naming every part, and ``root``'s tree is unchanged."""
     before = tree_snapshot(root)
-    with pytest.raises(PoolError) as err:
-        fn(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    for part in parts:
-        assert str(part) in message, f"{part!r} not in {message!r}"
+    message = one_line_error(PoolError, parts, fn, *args, **kwargs)
     assert tree_snapshot(root) == before
     return message
 

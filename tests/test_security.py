@@ -1,4 +1,4 @@
-"""Security (issue 6): nothing untrusted is unpickled; output paths stay in the output directory;
+"""Security: nothing untrusted is unpickled; output paths stay in the output directory;
 local Ray keeps token auth."""
 
 import ast

@@ -1,4 +1,4 @@
-"""Pools and published outputs on local paths and on S3 (issue 7).
+"""Pools and published outputs on local paths and on S3.
 
 S3 is real S3 API traffic to a moto server on 127.0.0.1 (no internet): pyarrow's own
 S3FileSystem talks to it, with the endpoint given in the URIs' query
@@ -282,24 +282,6 @@ def test_train_runs_resume_by_name_under_a_storage_path(s3, tmp_path):
     assert train_run_location(stage_dir, "abd", s3("ckpt"))[0] != name  # changed inputs: a new run
     assert train_run_location(tmp_path / "other" / "score_subset", "abc", s3("ckpt"))[0] != name  # other job
     assert train_run_location(stage_dir, "abc", "shared/ckpt")[1] == str(Path("shared/ckpt").resolve())
-
-
-def test_ray_train_persists_checkpoints_to_the_s3_storage_path(s3, tmp_path):
-    """What run_trainer hands Ray Train (RunConfig name, storage_path, storage_filesystem) stores checkpoints
-    in the bucket; Ray Train's own storage layer, without starting Ray."""
-    import ray.train
-    from ray.train import RunConfig
-    from ray.train.v2._internal.execution.storage import StorageContext
-
-    name, path, fs = train_run_location(tmp_path / "out" / "final_train", "abc", s3("ckpt"))
-    RunConfig(name=name, storage_path=path, storage_filesystem=fs)
-    context = StorageContext(storage_path=path, experiment_dir_name=name, storage_filesystem=fs)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "state.pt").write_bytes(b"weights")
-    context.persist_current_checkpoint(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), "checkpoint_0")
-    stored = f"{path}/{name}/checkpoint_0/state.pt"
-    with fs.open_input_stream(stored) as f:
-        assert f.read() == b"weights"
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import free_port
 from mlflow import MlflowClient
 
 from rayprune.robust.models import build_model
@@ -39,12 +39,6 @@ CONFIG = {
 }
 DIGEST = "0123456789abcdef"
 LOSSES = [1.0, 0.6, 0.45]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tiny_model(seed: int) -> torch.nn.Module:
@@ -231,7 +225,7 @@ def test_sqlite_job_is_recorded(tmp_path, monkeypatch, one_torch_thread):
 
 
 def test_unreachable_server_disables_tracking_once(tmp_path, caplog, one_torch_thread):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     tracker = Tracker(uri=uri)
     caplog.set_level(logging.WARNING)
     env_before = dict(os.environ)
@@ -249,7 +243,7 @@ def test_unreachable_server_disables_tracking_once(tmp_path, caplog, one_torch_t
 
 
 def test_unreachable_server_strict_raises(monkeypatch):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     # Strict trackers keep MLflow's own retry policy (minutes); keep this test short.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tracker = Tracker(uri=uri, strict=True)

@@ -1,7 +1,7 @@
 """One epoch of adversarial training, as a fixed number of optimiser steps.
 
 An epoch here is a step budget, not a pass over the data: the scoring run trains on a
-small subset for as many steps as a full run would take (see method.md), so batches come
+small subset for as many steps as a full run would take (see docs/method.md), so batches come
 from an endless reshuffled stream over the samples.
 """
 

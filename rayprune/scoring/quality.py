@@ -5,7 +5,7 @@ neighbours; extrapolating to it and comparing with what was measured tells how w
 neighbours predict *the subset run's own* scores. It cannot tell whether the subset
 run's scores agree with a full-pool run's: a scoring run with too few optimiser steps
 can give a healthy-looking probe correlation while its scores disagree with a full run
-(method.md, "The scoring run's budget"). Benchmarks measure that; the job warns when the
+(docs/method.md, "The scoring run's budget"). Benchmarks measure that; the job warns when the
 scoring run's step budget is far below the final training's.
 """
 

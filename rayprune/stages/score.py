@@ -51,7 +51,7 @@ def steps_per_epoch(config: JobConfig, n_real: int, n_pool: int) -> int:
 
     Sizing by the real part (the whole pool if there is none), not by the subset, gives
     the scoring run the step budget of a full run; one pass over a 10% subset per epoch
-    gives scores unrelated to full-run scores (method.md, "The scoring run's budget").
+    gives scores unrelated to full-run scores (docs/method.md, "The scoring run's budget").
     """
     if config.train.steps_per_epoch:
         return config.train.steps_per_epoch
