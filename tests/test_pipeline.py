@@ -34,12 +34,26 @@ def job(tmp_path_factory):
         marks = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
         rerun = run_pipeline(config)
         marks_after = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
+        sharded = _evaluate_on_three_actors(config, summary.outputs["final_model"], out.parent / "sharded")
     finally:
         ray.shutdown()
     pool = pads.dataset(pool_files(summary.outputs["pool"]), format="parquet").to_table().sort_by("id")
     scores = pads.dataset(summary.outputs["scores"], format="parquet").to_table().sort_by("id").to_pandas()
     return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
-            "pool": pool, "scores": scores, "uri": uri}
+            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded}
+
+
+def _evaluate_on_three_actors(config, model_file, root):
+    """The evaluate stage on its own, with the test set in batches of 32 spread over 3 actors."""
+    from rayprune.stages.evaluate import run_evaluate
+    from rayprune.stages.prepare import run_test_pool
+    from rayprune.stages.resources import plan_resources
+
+    config = load_config(None, {**TINY_JOB, "output_dir": str(root), "evaluation.actors": "3",
+                                "evaluation.batch_size": "32"})
+    test = run_test_pool(config, root)
+    result = run_evaluate(config, test, model_file, {"final_train": "the pipeline's"}, root, plan_resources(config.ray))
+    return {"config": config, "test": test, "result": result}
 
 
 def test_scores_table_has_every_pool_id_once(job):
@@ -328,3 +342,24 @@ def test_finished_products_are_published_with_a_complete_marker(job):
     assert "manifest.json" in names and "final_train/model.pt" in names
     assert any(n.startswith("extrapolate/scores/") for n in names)
     assert any(n.startswith("select/pruned_pool/") for n in names)
+
+
+def test_an_evaluation_sharded_over_three_actors_equals_one_process_evaluating_it_all(job):
+    """Seeds follow global batch indices: 4 batches over 3 Ray actors give exactly what one
+    in-process call over the whole test set gives."""
+    from rayprune.robust.evaluation import robust_correct
+    from rayprune.stages.evaluate import EVALUATION_SEED, eval_config
+
+    config, test = job["sharded"]["config"], job["sharded"]["test"]
+    table = pads.dataset(pool_files(test.path), format="parquet").to_table().sort_by("id")
+    model = model_from_config(config, 3, 3)
+    model.load_state_dict(torch.load(job["summary"].outputs["final_model"], weights_only=True))
+    model.eval()
+    x = to_float_images(decode_images(table["image"], (8, 8, 3)))
+    y = torch.as_tensor(table["label"].to_numpy())
+    want = robust_correct(model, x, y, eval_config(config), generator=torch.Generator().manual_seed(EVALUATION_SEED))
+    got = pq.read_table(job["sharded"]["result"].per_sample_file).to_pandas().sort_values("id")
+    np.testing.assert_array_equal(got["id"].to_numpy(), table["id"].to_numpy())
+    assert len(table) == 120 and config.evaluation.batch_size == 32  # 4 batches over 3 actors
+    for name, column in want.items():
+        np.testing.assert_array_equal(got[name].to_numpy(), column, err_msg=name)
