@@ -34,8 +34,9 @@ def check_choice(preset: str, only: list[str] | None) -> list[str]:
     return names
 
 
-def run_suite(preset: str, only: list[str] | None = None, workdir: Path | None = None) -> list[BenchResult]:
-    """Run the chosen benchmarks in order and return their results."""
+def run_suite(preset: str, only: list[str] | None = None, workdir: Path | None = None,
+              kinds: list[str] | None = None) -> list[BenchResult]:
+    """Run the chosen benchmarks in order and return their results; ``kinds``: end_to_end's pool kinds."""
     names = check_choice(preset, only)
     results = []
     with tempfile.TemporaryDirectory(prefix="rayprune-bench-", dir=workdir) as tmp:
@@ -45,7 +46,8 @@ def run_suite(preset: str, only: list[str] | None = None, workdir: Path | None =
             start = time.perf_counter()
             sub = Path(tmp) / name
             sub.mkdir()
-            produced = module.run(preset, sub)  # one result, or several sharing the same runs
+            extra = {"kinds": kinds} if kinds and name == "end_to_end" else {}
+            produced = module.run(preset, sub, **extra)  # one result, or several sharing the same runs
             produced = produced if isinstance(produced, list) else [produced]
             for result in produced:
                 result.seconds = time.perf_counter() - start
@@ -59,14 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--json", default="benchmarks/results/latest.json", help="where to write the results")
     parser.add_argument("--workdir", help="scratch directory for pools and outputs (default: system temp)")
+    parser.add_argument("--kinds", help="end_to_end: comma-separated kinds of generated pool to run, the first also "
+                        "paid off (default: every kind of the preset)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     try:
         check_choice(args.preset, only)
+        if kinds:
+            from benchmarks.end_to_end import check_kinds
+
+            check_kinds(args.preset, kinds)
     except ValueError as exc:
         parser.error(str(exc))
-    results = run_suite(args.preset, only, Path(args.workdir) if args.workdir else None)
+    results = run_suite(args.preset, only, Path(args.workdir) if args.workdir else None, kinds)
     write_json(results, Path(args.json), args.preset)
     machine = machine_info()
     print(f"\nrayprune benchmarks, preset {args.preset}, on {machine['cpus']} CPU(s), {machine['platform']}, "

@@ -160,3 +160,12 @@ def test_scaling_reports_every_size(ray_suite_ci):
     assert [row["rows"] for row in scaling["rows"]] == PRESETS["ci"]["sizes"]
     for row in scaling["rows"]:
         assert row["seconds"] > 0 and row["driver_peak_mib"] > 0 and row["workers_peak_total_mib"] > 0
+
+
+def test_unknown_pool_kinds_are_refused_naming_the_allowed_ones(capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "small", "--only", "end_to_end", "--kinds", "default,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown pool kind(s) nope for preset small; allowed: default, noisy, 4 classes" in capsys.readouterr().err
