@@ -91,7 +91,10 @@ def test_same_config_and_seed_give_the_same_subset_scores_and_kept_ids(reference
 def _actor_pids(class_fragment: str) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # This test's Ray by its address: without one, the state API refuses to guess when
+    # another Ray instance runs on the machine (a benchmark, another test run).
+    address = ray.get_runtime_context().gcs_address
+    return [a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
             if class_fragment in a.class_name and a.pid]
 
 
