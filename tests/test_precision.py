@@ -75,3 +75,14 @@ def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         ATConfig(precision="fp8")
     assert grad_scaler("bf16", "cpu") is None and grad_scaler("fp16", "cpu") is not None
+
+
+def test_reduced_precision_on_cpu_workers_is_warned_about_by_name():
+    from rayprune.config import load_config
+    from rayprune.pipeline import precision_warning
+
+    assert precision_warning(load_config(None, {}), use_gpu=False) is None  # fp32: nothing to say
+    config = load_config(None, {"final.train.precision": "bf16"})
+    warning = precision_warning(config, use_gpu=False)
+    assert warning is not None and warning.startswith("final.train.precision=bf16 on CPU workers")
+    assert precision_warning(config, use_gpu=True) is None
