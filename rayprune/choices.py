@@ -13,6 +13,8 @@ AUTOATTACK: tuple[str, ...] = ("apgd_ce", "apgd_t", "fab_t", "square")
 # "every_attack" each on every clean-correct sample (per-attack accuracies stand alone).
 EVAL_PROTOCOLS: tuple[str, ...] = ("autoattack", "every_attack")
 AT_LOSSES: tuple[str, ...] = ("pgd_at", "trades")
+# Training precision: fp32, or autocast to bf16 / fp16 (with a gradient scaler).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "one_cycle")
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wide_resnet", "wrn_28_10", "wrn_70_16")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "inverse_distance", "exp")

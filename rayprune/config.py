@@ -37,6 +37,7 @@ from rayprune.choices import (
     METRICS,
     MODEL_NAMES,
     NORMS,
+    PRECISIONS,
     SCHEDULES,
     WEIGHTINGS,
 )
@@ -149,6 +150,9 @@ class TrainSection:
     real part of the pool (over the whole pool if it has no real part), as the paper's
     code does, so the scoring run gets the step budget of a full run, not one pass over
     the small subset. ``batch_size`` is global (split over the training workers).
+    ``precision``: ``fp32``, or mixed precision for the training step and the attack that
+    makes its examples: ``bf16`` (autocast) or ``fp16`` (autocast and a gradient scaler).
+    Evaluation and the recording passes always run in fp32.
     """
 
     loss: str = one_of("pgd_at", AT_LOSSES)
@@ -164,6 +168,7 @@ class TrainSection:
     schedule: str = one_of("cosine", SCHEDULES)
     warmup_epochs: int = bounded(1, ge=0, le=100_000)
     augment: bool = True
+    precision: str = one_of("fp32", PRECISIONS)
     seed: int = seed_field()
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from rayprune.robust.apgd import apgd_attack, apgd_targeted
 from rayprune.robust.attacks import NORMS, AttackConfig, Norm, check_inputs, pgd_attack
 from rayprune.robust.fab import fab_targeted
 from rayprune.robust.modes import temporary_mode
+from rayprune.robust.precision import full_precision
 from rayprune.robust.square import square_attack
 
 #: Key of the all-attacks-at-once correctness in :func:`robust_correct`'s result.
@@ -216,7 +217,7 @@ def robust_correct(
     device = _model_device(model, x.device)
     results = {name: np.zeros(n, dtype=bool) for name in config.attacks}
     cascade = config.protocol == "autoattack"
-    with temporary_mode(model, "eval"):
+    with temporary_mode(model, "eval"), full_precision(device):  # attacks in fp32 whatever the caller set
         for batch_index, start in enumerate(range(0, n, config.batch_size), start=first_batch):
             xb = x[start:start + config.batch_size].detach().to(device)
             yb = y[start:start + config.batch_size].to(device)

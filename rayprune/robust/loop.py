@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayprune.choices import AT_LOSSES
+from rayprune.choices import AT_LOSSES, PRECISIONS
 from rayprune.robust.at_losses import pgd_at_loss, trades_loss
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.ema import ModelEMA
+from rayprune.robust.precision import autocast
 from rayprune.robust.training import augment, learning_rate
 from rayprune.validation import check_choice
 
@@ -32,9 +33,11 @@ class ATConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     augment: bool = True
+    precision: str = "fp32"  # or "bf16" / "fp16": autocast of the step and its attack
 
     def __post_init__(self) -> None:
         check_choice(self.loss, "loss", AT_LOSSES)
+        check_choice(self.precision, "precision", PRECISIONS)
 
 
 class BatchStream:
@@ -86,11 +89,14 @@ def train_steps(
     ema: ModelEMA | None = None,
     generator: torch.Generator | None = None,
     on_step=None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimiser steps of PGD-AT or TRADES; return mean loss and accuracies.
 
     ``images`` are float (N, C, H, W) in [0, 1] on the model's device; ``first_step`` and
-    ``total_steps`` place these steps on the learning-rate schedule.
+    ``total_steps`` place these steps on the learning-rate schedule. The attack and the
+    loss run under ``recipe.precision``'s autocast; ``scaler`` (needed for fp16, see
+    :func:`rayprune.robust.precision.grad_scaler`) scales the loss before the backward pass.
     """
     model.train()
     device = images.device
@@ -104,16 +110,24 @@ def train_steps(
         x, y = images[idx], labels[idx]
         if recipe.augment:
             x = augment(x, generator=generator)
-        if recipe.loss == "trades":
-            loss, stats = trades_loss(
-                model, x, y, attack, beta=recipe.trades_beta, label_smoothing=recipe.label_smoothing,
-                generator=generator,
-            )
-        else:
-            loss, stats = pgd_at_loss(model, x, y, attack, generator=generator)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(recipe.precision, device):
+            if recipe.loss == "trades":
+                loss, stats = trades_loss(
+                    model, x, y, attack, beta=recipe.trades_beta, label_smoothing=recipe.label_smoothing,
+                    generator=generator,
+                )
+            else:
+                loss, stats = pgd_at_loss(model, x, y, attack, generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if ema is not None:
             ema.update(model)
         stats["lr"] = lr

@@ -20,6 +20,11 @@ from rayprune.robust.attacks import AttackConfig, pgd_attack
 from rayprune.robust.metrics import true_class_stats
 from rayprune.robust.models import EmbeddingClassifier
 from rayprune.robust.modes import temporary_mode
+from rayprune.robust.precision import full_precision
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 RECORDED_FIELDS = ("p_clean", "p_adv", "margin_clean", "margin_adv", "l2_error_clean", "l2_error_adv")
 
@@ -57,7 +62,7 @@ def record_predictions(
     ce_attack = dataclasses.replace(attack, loss="ce")
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {f: [] for f in RECORDED_FIELDS}
-    with temporary_mode(model, "eval"):
+    with temporary_mode(model, "eval"), full_precision(_device_of(model)):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
@@ -89,7 +94,7 @@ def embed_with_signals(model: EmbeddingClassifier, images: torch.Tensor, labels:
     """
     device = next(model.parameters()).device
     x, y = images.to(device), labels.to(device)
-    with temporary_mode(model, "eval"):
+    with temporary_mode(model, "eval"), full_precision(_device_of(model)):
         with torch.no_grad():
             logits, emb = model.forward_with_embedding(x)
         signals = prediction_signals(logits, y, "clean")
@@ -106,7 +111,7 @@ def compute_embeddings(model: EmbeddingClassifier, images: torch.Tensor, *, batc
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = next(model.parameters()).device
     parts = []
-    with temporary_mode(model, "eval"), torch.inference_mode():
+    with temporary_mode(model, "eval"), full_precision(_device_of(model)), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             parts.append(model.embed(images[start : start + batch_size].to(device)).float().cpu())
     if not parts:

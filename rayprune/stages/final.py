@@ -129,7 +129,7 @@ def final_loop(spec: FinalSpec) -> None:
             break
         stats = train_steps(w.model, w.optimizer, w.images, w.labels, stream, w.attack, w.recipe, steps=per_epoch,
                             first_step=epoch * per_epoch, total_steps=per_epoch * epochs, ema=ema,
-                            generator=w.generator(epoch))
+                            generator=w.generator(epoch), scaler=w.scaler)
         # Same EMA weights and seed on every rank, so every rank computes the same value.
         val_acc = _val_robust_accuracy(ema.module, val_images, val_labels, val_attack,
                                        config.ray.inference_batch_size, seed=epoch)

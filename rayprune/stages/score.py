@@ -83,6 +83,7 @@ def scoring_loop(spec: ScoringSpec) -> None:
         stats = train_steps(
             w.model, w.optimizer, w.images, w.labels, stream, w.attack, w.recipe,
             steps=per_epoch, first_step=epoch * per_epoch, total_steps=per_epoch * epochs, generator=generator,
+            scaler=w.scaler,
         )
         record = record_predictions(w.raw, w.images, w.labels, w.attack, generator=generator,
                                     batch_size=config.ray.inference_batch_size)

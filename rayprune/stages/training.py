@@ -32,6 +32,7 @@ from rayprune.errors import InputError, one_line
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.loop import ATConfig
 from rayprune.robust.models import build_model
+from rayprune.robust.precision import grad_scaler
 from rayprune.robust.training import make_optimizer
 from rayprune.stages.common import Stage, digest, write_json_atomic
 from rayprune.stages.resources import ResourcePlan
@@ -133,6 +134,7 @@ def recipe_from_config(train: TrainSection, steps_per_epoch: int) -> ATConfig:
     return ATConfig(
         loss=train.loss, trades_beta=train.trades_beta, label_smoothing=train.label_smoothing, lr=train.lr,
         schedule=train.schedule, warmup_steps=train.warmup_epochs * steps_per_epoch, augment=train.augment,
+        precision=train.precision,
     )
 
 
@@ -235,6 +237,7 @@ class Worker:
     optimizer: Any
     recipe: ATConfig
     attack: AttackConfig
+    scaler: Any = None  # torch.amp.GradScaler for fp16, else None
 
     def generator(self, epoch: int) -> torch.Generator:
         """The epoch's seeded generator (distinct per rank and epoch): attacks and augmentation."""
@@ -265,12 +268,16 @@ def start_worker(spec: TrainingSpec) -> Worker:
     device = ray.train.torch.get_device()
     ids, images, labels, sources = load_rows(spec.source, shard_ids(spec.train_ids, rank, world), spec.image_shape)
     torch.manual_seed(spec.recipe.seed)
-    model = ray.train.torch.prepare_model(model_from_config(spec.config, spec.num_classes, spec.image_shape[2]))
+    model = model_from_config(spec.config, spec.num_classes, spec.image_shape[2])
+    if device.type == "cuda":  # no-ops on CPU: tensor-core friendly layout, tuned convolutions
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     raw = unwrap_model(model)
     return Worker(spec, rank, world, device, ids, to_float_images(images).to(device),
                   torch.from_numpy(labels).to(device), sources, model, raw,
                   optimizer_from_config(raw, spec.recipe), recipe_from_config(spec.recipe, spec.steps_per_epoch),
-                  attack_from_config(spec.config))
+                  attack_from_config(spec.config), grad_scaler(spec.recipe.precision, device))
 
 
 def resume(worker: Worker, stream) -> dict | None:
@@ -287,6 +294,9 @@ def resume(worker: Worker, stream) -> dict | None:
                         worker.world)
     worker.raw.load_state_dict(saved.pop("model"))
     worker.optimizer.load_state_dict(saved.pop("optimizer"))
+    scaler_state = saved.pop("scaler", None)
+    if worker.scaler is not None and scaler_state:
+        worker.scaler.load_state_dict(scaler_state)
     for _ in range((saved["epoch"] + 1) * worker.spec.steps_per_epoch):  # the batches already drawn
         stream.next()
     return saved
@@ -301,7 +311,9 @@ def report_epoch(worker: Worker, epoch: int, metrics: dict, extra: dict | None =
         ckpt = None
         if worker.rank == 0:
             torch.save({"model": worker.raw.state_dict(), "optimizer": worker.optimizer.state_dict(), "epoch": epoch,
-                        "world": worker.world, "model_name": worker.spec.config.model.name, **(extra or {})},
+                        "world": worker.world, "model_name": worker.spec.config.model.name,
+                        **({"scaler": worker.scaler.state_dict()} if worker.scaler is not None else {}),
+                        **(extra or {})},
                        os.path.join(d, "state.pt"))
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
