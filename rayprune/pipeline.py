@@ -117,7 +117,7 @@ def scoring_budget_warning(config: JobConfig, scoring_steps: int, final_steps: i
 
 def precision_warning(config: JobConfig, use_gpu: bool) -> str | None:
     """A warning when training runs in reduced precision on CPUs: without bf16/fp16 units
-    autocast is emulated (bf16 AT steps ran 27x slower than fp32 on our 2-core CI machine)."""
+    autocast is emulated (bf16 AT steps ran about 11x slower than fp32 on our 2-core CI machine)."""
     lowered = [f"{name}={train.precision}" for name, train in (("train.precision", config.train),
                                                               ("final.train.precision", config.final.train))
                if train.precision != "fp32"]
