@@ -62,7 +62,7 @@ def record_predictions(
     ce_attack = dataclasses.replace(attack, loss="ce")
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {f: [] for f in RECORDED_FIELDS}
-    with temporary_mode(model, "eval"), full_precision(_device_of(model)):
+    with temporary_mode(model, "eval"), full_precision(device):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)

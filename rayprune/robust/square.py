@@ -142,6 +142,15 @@ def _side(p: float, c: int, h: int, w: int, minimum: int) -> int:
     return min(max(int(round(math.sqrt(p * c * h * w / c))), minimum), h, w)
 
 
+def _keep_better(best: torch.Tensor, best_margin: torch.Tensor, active: torch.Tensor, proposal: torch.Tensor,
+                 proposal_margin: torch.Tensor) -> None:
+    """Random search's greedy step, in place: each active sample keeps its proposal if it lowers the margin."""
+    better = proposal_margin < best_margin[active]
+    keep = active[better]
+    best[keep] = proposal[better]
+    best_margin[keep] = proposal_margin[better]
+
+
 def _linf(model, x, y, eps, n_queries, p_init, rescale, generator, c, h, w) -> torch.Tensor:
     n = x.shape[0]
     best = (x + eps * _signs((n, c, 1, w), generator, x)).clamp(0.0, 1.0)  # vertical stripes
@@ -157,11 +166,7 @@ def _linf(model, x, y, eps, n_queries, p_init, rescale, generator, c, h, w) -> t
         window = _window_mask(k, side, h, w, rows, cols, x.device)
         vertex = (x[active] + eps * _signs((k, c, 1, 1), generator, x)).clamp(0.0, 1.0)
         proposal = torch.where(window, vertex, best[active])
-        proposal_margin = margin(model, proposal, y[active])
-        better = proposal_margin < best_margin[active]
-        keep = active[better]
-        best[keep] = proposal[better]
-        best_margin[keep] = proposal_margin[better]
+        _keep_better(best, best_margin, active, proposal, margin(model, proposal, y[active]))
     return best
 
 
@@ -207,11 +212,7 @@ def _l2(model, x, y, eps, n_queries, p_init, rescale, generator, c, h, w) -> tor
         d = torch.where(second, torch.zeros_like(d), d)
         d = _place(d, first, fresh)
         proposal = (x_a + _l2_normalised(d) * eps).clamp(0.0, 1.0)
-        proposal_margin = margin(model, proposal, y[active])
-        better = proposal_margin < best_margin[active]
-        keep = active[better]
-        best[keep] = proposal[better]
-        best_margin[keep] = proposal_margin[better]
+        _keep_better(best, best_margin, active, proposal, margin(model, proposal, y[active]))
     return best
 
 
