@@ -4,16 +4,33 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_job_flags
+from conftest import free_port, kill_process_group, tiny_job_flags
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db"]
+
+
+def wait_for_dashboard(head: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until the head's job API answers (``ray start --block`` never returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert head.poll() is None, f"ray start exited with {head.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the Ray head's dashboard at {url} did not answer within {timeout} s"
+        time.sleep(0.5)
 
 
 def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tmp_path, mlflow_server):
@@ -25,13 +42,17 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
     ray_cli = str(bin_dir / "ray")
     dashboard = free_port()
     start = [
-        ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+        ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
         f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
     ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    # --block keeps the head's processes in this process group, so the test stops exactly
+    # them (``ray stop`` would stop every Ray on the machine).
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     out = tmp_path / "job-out"
     try:
+        wait_for_dashboard(head, f"http://127.0.0.1:{dashboard}", timeout=180)
         submit = [
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
             "--runtime-env-json", runtime_env, "--",
@@ -39,7 +60,8 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
         ]
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_process_group(head.pid)
+        head.wait()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr)
     assert "rayprune summary" in result.stdout
