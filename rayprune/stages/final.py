@@ -283,7 +283,9 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, made_by: dict
         per_worker = max(1, fc.train.batch_size // workers)
         n_syn = len(stream_ids)
         counts = (mix_counts(per_worker, fc.synthetic_fraction, n_syn, n_real) if mixed else [per_worker, 0])
-        if counts[0] and n_syn // workers < counts[0]:
+        if counts[0] == 0:  # final.synthetic_fraction=0: no batch takes a prunable row
+            loading, why = "memory", "no batch takes a prunable row (final.synthetic_fraction=0), nothing to stream"
+        elif n_syn // workers < counts[0]:
             if fc.data_loading == "stream":
                 raise ConfigError(f"final.data_loading=stream: the stream holds {n_syn} rows, fewer than one batch of "
                                   f"{counts[0]} per worker for {workers} worker(s); use final.data_loading=memory")
@@ -301,18 +303,16 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, made_by: dict
                     "rows %s; %s", len(train_ids), len(val_ids), config.final.train.epochs, per_epoch,
                     config.final.train.batch_size, "streamed from Ray Data" if stream else "in memory", why)
         in_memory_ids = np.setdiff1d(train_ids, stream_ids) if stream else train_ids
+        run_plan = streaming_plan(plan) if stream else plan
         spec = FinalSpec(
             TrainingSpec(config, config.final.train, tuple(files), in_memory_ids, tuple(info.image_shape),
-                         info.num_classes, per_epoch, plan.threads(plan.train_cpus_per_worker)),
+                         info.num_classes, per_epoch, run_plan.threads(run_plan.train_cpus_per_worker)),
             val_ids, model_file, history_file, stream,
         )
         datasets = None
-        run_plan = plan
         if stream:
-            exclude = val_ids
             datasets = {STREAM_DATASET: stream_dataset(files, list(config.pool.prunable_sources) if mixed else None,
-                                                       exclude, fc.train.seed)}
-            run_plan = streaming_plan(plan)
+                                                       val_ids, fc.train.seed)}
         run_trainer(final_loop, spec, stage, run_plan, "final training", config.ray.storage_path, datasets)
         if not model_file.exists() or not history_file.exists():
             raise RuntimeError("final training ended without saving its model and history")
