@@ -6,9 +6,16 @@ import pyarrow as pa
 import pytest
 import torch
 
+from rayprune.config import ConfigError, load_config
 from rayprune.data.pool import encode_images
-from rayprune.robust.loop import BatchStream, ConcatBatches, IndexedBatches, StreamedBatches
-from rayprune.stages.final import MEMORY_BYTES_PER_VALUE, KeepRows, choose_data_loading, stream_passes
+from rayprune.robust.loop import BatchStream, ConcatBatches, IndexedBatches, StreamedBatches, mix_counts
+from rayprune.stages.final import (
+    MEMORY_BYTES_PER_VALUE,
+    KeepRows,
+    choose_data_loading,
+    plan_data_loading,
+    stream_passes,
+)
 
 SHAPE = (4, 4, 3)
 
@@ -124,3 +131,28 @@ def test_memory_or_stream_by_the_shard_size():
     assert choose_data_loading("memory", 10**8, (32, 32, 3), 1024)[0] == "memory"
     # 1M CIFAR-size rows on one worker need about 14.6 GiB in memory: streamed by default.
     assert choose_data_loading("auto", 1_000_000, (32, 32, 3), 2048)[0] == "stream"
+
+
+def _final(**overrides):
+    return load_config(None, {f"final.{k}": v for k, v in overrides.items()}).final
+
+
+def test_the_stream_takes_the_same_per_worker_counts_as_the_in_memory_mix():
+    fc = _final(data_loading="stream", synthetic_fraction=0.8, **{"train.batch_size": 64})
+    loading, why, stream = plan_data_loading(fc, 1000, 800, 200, 2, (8, 8, 3), mixed=True)
+    assert loading == "stream" and why.startswith("set by final.data_loading")
+    assert stream.rows == 800 and stream.counts == tuple(mix_counts(32, 0.8, 800, 200))
+    # Unmixed (no real part, or final.synthetic_fraction=-1): whole batches from the stream.
+    assert plan_data_loading(fc, 1000, 1000, 0, 2, (8, 8, 3), mixed=False)[2].counts == (32, 0)
+
+
+def test_a_stream_too_small_for_a_batch_per_worker_is_refused_or_falls_back_to_memory():
+    forced = _final(data_loading="stream", **{"train.batch_size": 128})
+    with pytest.raises(ConfigError, match=r"final.data_loading=stream: the stream holds 90 rows, fewer than one "
+                                          r"batch of 51 per worker for 2 worker\(s\)"):
+        plan_data_loading(forced, 140, 90, 50, 2, (8, 8, 3), mixed=True)
+    auto = _final(data_loading="auto", memory_limit_mib=0, **{"train.batch_size": 128})
+    loading, why, stream = plan_data_loading(auto, 140, 90, 50, 2, (8, 8, 3), mixed=True)
+    assert (loading, stream) == ("memory", None) and "fewer than one batch per worker" in why
+    nothing = _final(data_loading="stream", synthetic_fraction=0.0)
+    assert plan_data_loading(nothing, 200, 150, 50, 1, (8, 8, 3), mixed=True)[:1] == ("memory",)

@@ -101,6 +101,28 @@ class StreamSpec:
     shuffle_buffer: int
 
 
+def plan_data_loading(fc, n_train: int, n_stream: int, n_real: int, workers: int, image_shape,
+                      mixed: bool) -> tuple[str, str, StreamSpec | None]:
+    """``(loading, why, stream)`` for a final training of ``n_train`` rows on ``workers``:
+    ``n_stream`` of them would stream (the prunable ones when batches are ``mixed``, else all),
+    ``n_real`` are real. A forced ``stream`` that cannot fill one batch per worker is a
+    ConfigError; ``auto`` then falls back to memory."""
+    loading, why = choose_data_loading(fc.data_loading, math.ceil(n_train / workers), image_shape,
+                                       fc.memory_limit_mib)
+    if loading != "stream":
+        return loading, why, None
+    per_worker = max(1, fc.train.batch_size // workers)
+    counts = mix_counts(per_worker, fc.synthetic_fraction, n_stream, n_real) if mixed else [per_worker, 0]
+    if counts[0] == 0:  # final.synthetic_fraction=0: no batch takes a prunable row
+        return "memory", "no batch takes a prunable row (final.synthetic_fraction=0), nothing to stream", None
+    if n_stream // workers < counts[0]:
+        if fc.data_loading == "stream":
+            raise ConfigError(f"final.data_loading=stream: the stream holds {n_stream} rows, fewer than one batch of "
+                              f"{counts[0]} per worker for {workers} worker(s); use final.data_loading=memory")
+        return "memory", f"auto: the stream would hold fewer than one batch per worker ({n_stream} rows)", None
+    return "stream", why, StreamSpec(n_stream, (int(counts[0]), int(counts[1])), fc.shuffle_buffer)
+
+
 class KeepRows:
     """Ray Data batch filter (pyarrow): rows of the prunable ``sources`` (all sources if
     None), without the ``exclude`` ids (the validation set)."""
@@ -276,22 +298,8 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, made_by: dict
     workers = plan.train_workers
     mixed = fc.synthetic_fraction >= 0 and n_real >= workers  # every worker needs real rows to mix in
     stream_ids = train_ids[np.isin(train_ids, ids[prunable])] if mixed else train_ids
-    loading, why = choose_data_loading(fc.data_loading, math.ceil(len(train_ids) / workers), info.image_shape,
-                                       fc.memory_limit_mib)
-    stream = None
-    if loading == "stream":
-        per_worker = max(1, fc.train.batch_size // workers)
-        n_syn = len(stream_ids)
-        counts = (mix_counts(per_worker, fc.synthetic_fraction, n_syn, n_real) if mixed else [per_worker, 0])
-        if counts[0] == 0:  # final.synthetic_fraction=0: no batch takes a prunable row
-            loading, why = "memory", "no batch takes a prunable row (final.synthetic_fraction=0), nothing to stream"
-        elif n_syn // workers < counts[0]:
-            if fc.data_loading == "stream":
-                raise ConfigError(f"final.data_loading=stream: the stream holds {n_syn} rows, fewer than one batch of "
-                                  f"{counts[0]} per worker for {workers} worker(s); use final.data_loading=memory")
-            loading, why = "memory", f"auto: the stream would hold fewer than one batch per worker ({n_syn} rows)"
-        else:
-            stream = StreamSpec(n_syn, (int(counts[0]), int(counts[1])), fc.shuffle_buffer)
+    loading, why, stream = plan_data_loading(fc, len(train_ids), len(stream_ids), n_real, workers, info.image_shape,
+                                             mixed)
     stage = stage_for(config, root, name, ("final", "model", "attack"),
                       exclude=("final.enabled", "final.compare_random"), upstream=made_by,
                       facts={"training workers": plan.train_workers, "data loading": loading}, resumable=True)
