@@ -4,8 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db"]
 
 
-def wait_for_dashboard(head: subprocess.Popen, url: str, timeout: float) -> None:
-    """Until the head's job API answers (``ray start --block`` never returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert head.poll() is None, f"ray start exited with {head.returncode}"
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"the Ray head's dashboard at {url} did not answer within {timeout} s"
-        time.sleep(0.5)
-
-
 def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tmp_path, mlflow_server):
     """The cluster path end to end: ray job submit, MLFLOW_TRACKING_URI via the runtime env."""
     uri, _ = mlflow_server
@@ -42,17 +25,22 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
     ray_cli = str(bin_dir / "ray")
     dashboard = free_port()
     start = [
-        ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+        ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
         f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
+        # Its own agent port: the default (52365) belongs to any other Ray on the machine, and an
+        # agent that cannot bind it leaves the head with "No available agent to submit job".
+        f"--dashboard-agent-listen-port={free_port()}",
     ]
-    # --block keeps the head's processes in this process group, so the test stops exactly
-    # them (``ray stop`` would stop every Ray on the machine).
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # In a session of its own, so the head's processes share one process group that the test
+    # stops exactly (``ray stop`` would stop every Ray on the machine). ``ray start``
+    # returns once the head, its dashboard and its job agent are up.
+    head_log = tmp_path / "ray-start.log"
+    with head_log.open("wb") as log:  # a file, not a pipe: the head's daemons may keep inherited pipes open
+        head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "job-out"
     try:
-        wait_for_dashboard(head, f"http://127.0.0.1:{dashboard}", timeout=180)
+        assert head.wait(timeout=180) == 0, head_log.read_text()[-3000:]
         submit = [
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
             "--runtime-env-json", runtime_env, "--",
@@ -61,7 +49,6 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     finally:
         kill_process_group(head.pid)
-        head.wait()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr)
     assert "rayprune summary" in result.stdout
