@@ -18,9 +18,9 @@ from rayprune.stages.training import model_from_config
 
 
 def demo_pool(workdir: Path, n_rows: int, image_size: int = 16, real_fraction: float = 0.2,
-              rows_per_file: int = 50_000) -> tuple[Path, PoolInfo]:
-    """Write a demo pool of ``n_rows`` rows (``real_fraction`` of them real) under ``workdir``."""
-    n_real = max(1, int(round(n_rows * real_fraction)))
+              rows_per_file: int = 50_000, n_real: int | None = None) -> tuple[Path, PoolInfo]:
+    """Write a demo pool of ``n_rows`` rows (``real_fraction`` of them real, or ``n_real``) under ``workdir``."""
+    n_real = n_real if n_real is not None else max(1, int(round(n_rows * real_fraction)))
     spec = DemoPoolSpec(n_real=n_real, n_synthetic=n_rows - n_real, image_size=image_size)
     path = Path(workdir) / f"pool-{n_rows}"
     info = write_demo_pool(spec, path, rows_per_file=rows_per_file, overwrite=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.report import BenchResult, machine_info, markdown_table, write_json
 
 # Order matters only for reading the table: cheapest first.
-BENCHMARKS = ("neighbours", "embedding", "training_step", "scaling", "end_to_end")
+BENCHMARKS = ("neighbours", "embedding", "training_step", "scaling", "streaming", "end_to_end")
 PRESET_NAMES = ("ci", "small", "full")
 
 

@@ -42,7 +42,7 @@ def timed_steps(loop_config: dict) -> dict:
     Train (``use_ray``): under Ray the model goes through ``prepare_model`` as in the job.
     """
     from rayprune.config import from_dict
-    from rayprune.robust.loop import BatchStream, train_steps
+    from rayprune.robust.loop import BatchStream, IndexedBatches, train_steps
     from rayprune.robust.training import to_float_images
     from rayprune.stages.training import (
         attack_from_config,
@@ -67,15 +67,15 @@ def timed_steps(loop_config: dict) -> dict:
     optimizer = optimizer_from_config(model, config.train)
     warm, steps = loop_config["warmup_steps"], loop_config["steps"]
     recipe = recipe_from_config(config.train, warm + steps)
-    stream = BatchStream(len(ids), config.train.batch_size, seed=config.train.seed)
+    batches = IndexedBatches(images, labels, BatchStream(len(ids), config.train.batch_size, seed=config.train.seed))
     generator = torch.Generator().manual_seed(config.train.seed)
     losses: list[float] = []
     common = {"attack": attack_from_config(config), "recipe": recipe, "total_steps": warm + steps,
               "generator": generator}
-    train_steps(model, optimizer, images, labels, stream, steps=warm, first_step=0, **common)
+    train_steps(model, optimizer, batches, steps=warm, first_step=0, **common)
     start = time.perf_counter()
     for i in range(steps):  # one step at a time, so every step's loss is kept
-        losses.append(train_steps(model, optimizer, images, labels, stream, steps=1, first_step=warm + i,
+        losses.append(train_steps(model, optimizer, batches, steps=1, first_step=warm + i,
                                   **common)["loss"])
     out = {"seconds": time.perf_counter() - start, "losses": losses}
     if loop_config.get("result_file"):  # Train V2 keeps metrics only with checkpoints

@@ -15,6 +15,9 @@ EVAL_PROTOCOLS: tuple[str, ...] = ("autoattack", "every_attack")
 AT_LOSSES: tuple[str, ...] = ("pgd_at", "trades")
 # Training precision: fp32, or autocast to bf16 / fp16 (with a gradient scaler).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+# How the final training reads its rows: every worker's shard in memory, streamed from Ray
+# Data, or chosen by size ("auto").
+DATA_LOADING: tuple[str, ...] = ("auto", "memory", "stream")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "one_cycle")
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wide_resnet", "wrn_28_10", "wrn_70_16")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "inverse_distance", "exp")

@@ -120,6 +120,8 @@ def format_summary(summary) -> str:
         lines.append(f"  robust model     best epoch {summary.final_best_epoch + 1}, "
                      f"{summary.final_training_steps} steps; test ({int(m.get('n', 0))} samples): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n"))
+        if getattr(summary, "final_data_loading", ""):
+            lines.append(f"  training rows    {summary.final_data_loading}")
         if getattr(summary, "evaluation", ""):
             lines.append(f"  evaluation       {summary.evaluation}")
     if summary.random_baseline_metrics:

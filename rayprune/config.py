@@ -31,6 +31,7 @@ from rayprune.bounds import (
 from rayprune.choices import (
     AT_LOSSES,
     AUTOATTACK,
+    DATA_LOADING,
     EVAL_ATTACKS,
     EVAL_PROTOCOLS,
     METHODS,
@@ -245,6 +246,11 @@ class FinalSection:
     samples (the lowest ids) are held out for validation and early stopping on the EMA
     model's robust accuracy (PGD-``val_attack_steps`` with the CW loss).
     ``compare_random``: also train on a random pruning of the same size and budget.
+    ``data_loading``: ``memory`` loads each worker's shard into memory before training
+    (fastest for small pools); ``stream`` streams the prunable part from Ray Data
+    (decoded as it arrives, file order reshuffled every pass, then a local shuffle
+    buffer of ``shuffle_buffer`` rows per worker) and keeps only the real part in memory;
+    ``auto`` streams when a worker's in-memory shard would exceed ``memory_limit_mib``.
     """
 
     enabled: bool = True
@@ -255,6 +261,9 @@ class FinalSection:
     val_attack_steps: int = bounded(10, ge=0, le=100_000)
     early_stop_patience: int = bounded(0, ge=0, le=100_000)
     compare_random: bool = False
+    data_loading: str = one_of("auto", DATA_LOADING)
+    memory_limit_mib: int = bounded(2048, ge=0, le=1 << 30)
+    shuffle_buffer: int = bounded(10_000, ge=0, le=COUNT_MAX)
 
     def __post_init__(self) -> None:
         check_ranges(self, "final")

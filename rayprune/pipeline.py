@@ -40,6 +40,7 @@ class RunSummary:
     training_steps: int = 0
     final_training_steps: int = 0
     final_best_epoch: int = -1
+    final_data_loading: str = ""  # "memory" or "stream", and why
     robust_metrics: dict[str, float] = field(default_factory=dict)
     evaluation: str = ""
     random_baseline_metrics: dict[str, float] = field(default_factory=dict)
@@ -346,6 +347,7 @@ def build_summary(config: JobConfig, r: StageResults, root: Path, seconds: dict[
     if final is not None:
         summary.final_training_steps = final.training_steps
         summary.final_best_epoch = final.best_epoch
+        summary.final_data_loading = f"{final.data_loading}; {final.data_loading_reason}"
         summary.robust_metrics = r.evaluation.metrics
         summary.evaluation = f"{r.evaluation.protocol['protocol']}, {r.evaluation.protocol['label']}"
         if r.evaluation.protocol.get("warning"):

@@ -69,6 +69,38 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (Linux: read from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            members.append(int(entry))
+    return members
+
+
+def kill_process_group(pgid: int, timeout: float = 60) -> None:
+    """SIGKILL every process of group ``pgid`` (a driver or ``ray start --block`` started with
+    ``start_new_session=True``, and the Ray processes it started) and wait until they are gone.
+
+    Unlike ``ray stop``, this never touches another Ray instance on the machine (a user's,
+    a benchmark's, another test run's)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while (left := process_group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes {left} of group {pgid} outlived SIGKILL for {timeout} s"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -100,7 +100,7 @@ def test_neighbours_table_and_json(neighbours_ci, tmp_path):
     assert [c["ratio"] for c in saved["comparisons"]] == pytest.approx([c.ratio for c in neighbours_ci.comparisons])
 
 
-RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "end_to_end"]
+RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "streaming", "end_to_end"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def ray_suite_ci(tmp_path_factory):
 @pytest.mark.slow
 def test_ray_benchmarks_run_and_write_well_formed_results(ray_suite_ci):
     results = {r["benchmark"]: r for r in ray_suite_ci["results"]}
-    assert set(results) == {"embedding", "training_step", "scaling", "end_to_end", "fidelity"}
+    assert set(results) == {"embedding", "training_step", "scaling", "streaming", "end_to_end", "fidelity"}
     assert ray_suite_ci["preset"] == "ci" and ray_suite_ci["machine"]["cpus"] >= 1
     for name, res in results.items():
         # Fidelity ratios need positive correlations, which the ci pool is too small to give.
@@ -169,3 +169,16 @@ def test_unknown_pool_kinds_are_refused_naming_the_allowed_ones(capsys):
         main(["--preset", "small", "--only", "end_to_end", "--kinds", "default,nope"])
     assert exit_info.value.code == 2
     assert "unknown pool kind(s) nope for preset small; allowed: default, noisy, 4 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
+    from benchmarks.streaming import PRESETS
+
+    p = PRESETS["ci"]
+    streaming = next(r for r in ray_suite_ci["results"] if r["benchmark"] == "streaming")
+    assert [(row["rows"], row["loading"]) for row in streaming["rows"]] == [
+        (n, loading) for n in p["sizes"] for loading in ("memory", "stream")]
+    for row in streaming["rows"]:
+        assert len(row["losses"]) == p["epochs"] and all(math.isfinite(v) for v in row["losses"])
+        assert row["samples_per_s"] > 0 and row["worker_peak_single_mib"] > 0

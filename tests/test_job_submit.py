@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_job_flags
+from conftest import free_port, kill_process_group, tiny_job_flags
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -28,10 +28,19 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
         ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
         f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
+        # Its own agent port: the default (52365) belongs to any other Ray on the machine, and an
+        # agent that cannot bind it leaves the head with "No available agent to submit job".
+        f"--dashboard-agent-listen-port={free_port()}",
     ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    # In a session of its own, so the head's processes share one process group that the test
+    # stops exactly (``ray stop`` would stop every Ray on the machine). ``ray start``
+    # returns once the head, its dashboard and its job agent are up.
+    head_log = tmp_path / "ray-start.log"
+    with head_log.open("wb") as log:  # a file, not a pipe: the head's daemons may keep inherited pipes open
+        head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "job-out"
     try:
+        assert head.wait(timeout=180) == 0, head_log.read_text()[-3000:]
         submit = [
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
             "--runtime-env-json", runtime_env, "--",
@@ -39,7 +48,7 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
         ]
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_process_group(head.pid)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr)
     assert "rayprune summary" in result.stdout

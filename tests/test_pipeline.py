@@ -26,8 +26,8 @@ def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "out"
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
     config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri,
-                                "final.compare_random": "true",
-                                "publish_uri": str(out.parent / "published")})
+                                "final.compare_random": "true", "final.data_loading": "stream",
+                                "final.shuffle_buffer": 64, "publish_uri": str(out.parent / "published")})
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
     try:
         summary = run_pipeline(config)
@@ -35,12 +35,40 @@ def job(tmp_path_factory):
         rerun = run_pipeline(config)
         marks_after = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
         sharded = _evaluate_on_three_actors(config, summary.outputs["final_model"], out.parent / "sharded")
+        one_pass = _one_stream_pass_per_worker(config, summary.outputs["pruned_pool"], workers=2, batch=16)
     finally:
         ray.shutdown()
     pool = pads.dataset(pool_files(summary.outputs["pool"]), format="parquet").to_table().sort_by("id")
     scores = pads.dataset(summary.outputs["scores"], format="parquet").to_table().sort_by("id").to_pandas()
     return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
-            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded}
+            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded, "one_pass": one_pass}
+
+
+def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -> dict:
+    """One pass of the final training's stream over the pruned pool, split as Ray Train
+    splits it (``streaming_split``, equal shares) and read by ``workers`` concurrent readers."""
+    import threading
+
+    from rayprune.stages.final import split_train_val, stream_dataset, stream_passes
+    from rayprune.stages.prepare import read_ids_and_sources
+
+    info = read_pool_info(pruned_pool)
+    files = pool_files(pruned_pool, info)
+    ids, sources = read_ids_and_sources(files)
+    _, val = split_train_val(ids, sources, config.pool.prunable_sources, config.final.val_size)
+    splits = stream_dataset(files, list(config.pool.prunable_sources), val, seed=0).streaming_split(workers, equal=True)
+    got: list = [None] * workers
+
+    def read(rank: int) -> None:
+        got[rank] = [b for b in stream_passes(splits[rank], batch, tuple(info.image_shape), 64, rank, 0)]
+
+    readers = [threading.Thread(target=read, args=(r,)) for r in range(workers)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(timeout=300)
+    expected = ids[np.isin(sources, list(config.pool.prunable_sources)) & ~np.isin(ids, val)]
+    return {"batches": got, "expected_ids": expected, "batch": batch}
 
 
 def _evaluate_on_three_actors(config, model_file, root):
@@ -185,6 +213,26 @@ def test_a_rerun_with_other_options_is_refused_then_archives_exactly_the_stale_s
         assert now.read_bytes() == content
 
 
+def test_one_pass_of_the_training_stream_reads_each_streamed_row_at_most_once(job):
+    """Streamed rows are the pruned pool's synthetic training rows (no validation or real
+    row), decoded to the stored bytes, each at most once per pass, the workers' shares
+    equal, and at most a batch per worker dropped."""
+    one_pass, pool = job["one_pass"], job["pool"]
+    by_bytes = {bytes(b): int(i) for b, i in zip(pool["image"].to_pylist(), pool["id"].to_pylist())}
+    labels = dict(zip(pool["id"].to_pylist(), pool["label"].to_pylist()))
+    seen = []
+    for batches in one_pass["batches"]:
+        assert batches is not None, "a reader did not finish its pass"
+        ids = [by_bytes[img.tobytes()] for images, _ in batches for img in images]
+        assert [labels[i] for i in ids] == [int(v) for _, lab in batches for v in lab]
+        seen.append(ids)
+    assert len({len(ids) for ids in seen}) == 1  # equal shares: the workers step in lockstep
+    flat = [i for ids in seen for i in ids]
+    assert len(flat) == len(set(flat))  # no row twice in a pass
+    assert set(flat) <= set(one_pass["expected_ids"].tolist())
+    assert len(flat) > len(one_pass["expected_ids"]) - len(seen) * one_pass["batch"]
+
+
 def test_final_model_and_evaluation(job):
     """The evaluation's clean accuracy equals a direct computation with the saved model."""
     summary = job["summary"]
@@ -212,6 +260,7 @@ def test_final_model_and_evaluation(job):
     per_sample = pq.read_table(summary.outputs["evaluation"]).to_pandas()
     assert sorted(per_sample.id) == sorted(test["id"].to_pylist())
     assert summary.final_training_steps == 6  # 2 epochs x 3 steps, the explicit budget
+    assert summary.final_data_loading.startswith("stream; set by final.data_loading")
     assert [h["epoch"] for h in manifest["final_history"]] == [0, 1]
     compute = manifest["summary"]["compute"]
     assert compute["scoring_recording"]["spent"] < compute["scoring_recording"]["whole_pool"]

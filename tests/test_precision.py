@@ -10,7 +10,7 @@ from conftest import fit_small_cnn
 
 from rayprune.robust.attacks import AttackConfig, pgd_attack
 from rayprune.robust.evaluation import EvalConfig, robust_correct
-from rayprune.robust.loop import ATConfig, BatchStream, train_steps
+from rayprune.robust.loop import ATConfig, BatchStream, IndexedBatches, train_steps
 from rayprune.robust.models import SmallCNN
 from rayprune.robust.precision import autocast, full_precision, grad_scaler
 
@@ -25,10 +25,10 @@ def _losses(precision: str, blob_sampler, chunks: int = 6, steps: int = 10) -> l
     model = SmallCNN(num_classes=4, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = blob_sampler(512, 1)
-    stream = BatchStream(len(x), 64, seed=0)
+    batches = IndexedBatches(x, y, BatchStream(len(x), 64, seed=0))
     recipe = ATConfig(lr=0.1, schedule="constant", augment=False, precision=precision)
     scaler = grad_scaler(precision, "cpu")
-    return [train_steps(model, optimizer, x, y, stream, ATTACK, recipe, steps=steps, first_step=c * steps,
+    return [train_steps(model, optimizer, batches, ATTACK, recipe, steps=steps, first_step=c * steps,
                         total_steps=chunks * steps, generator=torch.Generator().manual_seed(c),
                         scaler=scaler)["loss"] for c in range(chunks)]
 

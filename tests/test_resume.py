@@ -1,15 +1,13 @@
 """A job killed during the scoring run resumes from its checkpoint when rerun."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB
+from conftest import TINY_JOB, kill_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +39,8 @@ def test_killed_job_resumes_scoring_run_without_lost_or_repeated_epochs(tmp_path
     try:
         wait_for(records / "epoch_0002-rank_000.parquet", proc, timeout=600)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        kill_process_group(proc.pid)  # the driver and the local Ray it started, nothing else
         proc.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     assert not (out / "score_subset" / "_COMMITTED.json").exists()
     assert not (out / "manifest.json").exists()
     first_epoch = (records / "epoch_0000-rank_000.parquet").stat().st_mtime_ns

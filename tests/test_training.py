@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rayprune.robust import AttackConfig, build_model
-from rayprune.robust.loop import ATConfig, BatchStream, train_steps
+from rayprune.robust.loop import ATConfig, BatchStream, IndexedBatches, train_steps
 from rayprune.robust.recording import compute_embeddings, record_predictions
 from rayprune.robust.training import augment, learning_rate, make_optimizer, to_float_images
 
@@ -82,10 +82,10 @@ def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_tas
     opt = make_optimizer(model, lr=0.05)
     attack = AttackConfig("linf", 2 / 255, 1 / 255, 2)
     recipe = ATConfig(lr=0.05, schedule="constant", augment=False)
-    stream = BatchStream(len(x), 32, seed=0)
-    first = train_steps(model, opt, x, y, stream, attack, recipe, steps=3, first_step=0, total_steps=40)
+    batches = IndexedBatches(x, y, BatchStream(len(x), 32, seed=0))
+    first = train_steps(model, opt, batches, attack, recipe, steps=3, first_step=0, total_steps=40)
     for i in range(1, 8):
-        last = train_steps(model, opt, x, y, stream, attack, recipe, steps=5, first_step=3 + 5 * i, total_steps=40)
+        last = train_steps(model, opt, batches, attack, recipe, steps=5, first_step=3 + 5 * i, total_steps=40)
     assert last["loss"] < first["loss"]
 
     model.train()

@@ -2,12 +2,19 @@
 
 An epoch here is a step budget, not a pass over the data: the scoring run trains on a
 small subset for as many steps as a full run would take (see docs/method.md), so batches come
-from an endless reshuffled stream over the samples.
+from an endless reshuffled stream over the samples. Where a batch comes from is a
+*batch source* (anything with ``next() -> (images, labels)``): samples held in memory and
+drawn by an index stream (:class:`IndexedBatches`), an endless stream of decoded batches
+(:class:`StreamedBatches`, fed by Ray Data in the final training), or several of them
+concatenated at fixed counts (:class:`ConcatBatches`: a streamed synthetic part and an
+in-memory real part).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +25,7 @@ from rayprune.robust.at_losses import pgd_at_loss, trades_loss
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.ema import ModelEMA
 from rayprune.robust.precision import autocast
-from rayprune.robust.training import augment, learning_rate
+from rayprune.robust.training import augment, learning_rate, to_float_images
 from rayprune.validation import check_choice
 
 
@@ -74,12 +81,84 @@ class BatchStream:
         return {"passes": self.passes, "position": self.position}
 
 
+class BatchSource(Protocol):
+    """Where training batches come from: ``next()`` gives float images (B, C, H, W) in
+    [0, 1] and int64 labels (B,), on the training device."""
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class IndexedBatches:
+    """Batches of samples held in memory (``images`` float (N, C, H, W) on the device),
+    drawn by an index stream (:class:`BatchStream` or :class:`MixedBatchStream`)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, stream: BatchStream | MixedBatchStream) -> None:
+        self.images, self.labels, self.stream = images, labels, stream
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.stream.next()).to(self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+class StreamedBatches:
+    """An endless stream of batches from passes over a data source.
+
+    ``passes(k)`` returns an iterable over the ``k``-th pass (0, 1, ...) as
+    ``(uint8 images (B, H, W, C), labels (B,))`` numpy pairs of the batch size; each is
+    converted to float on ``device`` as it is drawn. A pass that yields no batch at all is
+    an error (it would loop forever). ``pass_index``: the pass to start with (a resumed run
+    starts a fresh pass; the stream itself cannot be replayed).
+    """
+
+    def __init__(self, passes: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]], device: torch.device | str,
+                 pass_index: int = 0) -> None:
+        self.passes, self.device, self.pass_index = passes, torch.device(device), pass_index
+        self._current: Iterator | None = None
+        self.batches_in_pass = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._current is None:
+                self._current, self.batches_in_pass = iter(self.passes(self.pass_index)), 0
+            try:
+                images, labels = next(self._current)
+            except StopIteration:
+                if self.batches_in_pass == 0:
+                    raise RuntimeError(f"pass {self.pass_index} of the training stream gave no batch: the stream holds "
+                                       "fewer rows than one batch per worker") from None
+                self._current, self.pass_index = None, self.pass_index + 1
+                continue
+            self.batches_in_pass += 1
+            labels_t = torch.as_tensor(np.asarray(labels, np.int64))
+            if self.device.type != "cuda":
+                return to_float_images(images), labels_t
+            # On CUDA: the uint8 batch (a quarter of the float bytes) goes from pinned host
+            # memory without blocking, and becomes float on the device.
+            images_t = torch.as_tensor(np.require(images, requirements="W")).pin_memory()
+            return (to_float_images(images_t.to(self.device, non_blocking=True)),
+                    labels_t.pin_memory().to(self.device, non_blocking=True))
+
+
+class ConcatBatches:
+    """Each batch is the next batch of every source, concatenated (e.g. a streamed synthetic
+    part and an in-memory real part at fixed counts)."""
+
+    def __init__(self, sources: list[BatchSource]) -> None:
+        if not sources:
+            raise ValueError("ConcatBatches needs at least one source")
+        self.sources = sources
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [s.next() for s in self.sources]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    stream: BatchStream | MixedBatchStream,
+    batches: BatchSource,
     attack: AttackConfig,
     recipe: ATConfig,
     *,
@@ -93,21 +172,20 @@ def train_steps(
 ) -> dict[str, float]:
     """Run ``steps`` optimiser steps of PGD-AT or TRADES; return mean loss and accuracies.
 
-    ``images`` are float (N, C, H, W) in [0, 1] on the model's device; ``first_step`` and
-    ``total_steps`` place these steps on the learning-rate schedule. The attack and the
+    ``batches`` gives each step's float images and labels on the model's device;
+    ``first_step`` and ``total_steps`` place these steps on the learning-rate schedule. The attack and the
     loss run under ``recipe.precision``'s autocast; ``scaler`` (needed for fp16, see
     :func:`rayprune.robust.precision.grad_scaler`) scales the loss before the backward pass.
     """
     model.train()
-    device = images.device
+    device = next(model.parameters()).device
     totals: dict[str, float] = {}
     for i in range(steps):
         step = first_step + i
         lr = learning_rate(step, total_steps, recipe.lr, recipe.schedule, recipe.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = torch.from_numpy(stream.next()).to(device)
-        x, y = images[idx], labels[idx]
+        x, y = batches.next()
         if recipe.augment:
             x = augment(x, generator=generator)
         if device.type == "cuda":

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -183,3 +183,11 @@ def plan_from_resources(config: RaySection, cpus: float, gpus: float, max_node_c
         extrapolate_threads=ResourcePlan.threads(extrap_cpus),
     )
     return plan
+
+
+def streaming_plan(plan: ResourcePlan) -> ResourcePlan:
+    """``plan`` for a training that streams its rows: the workers leave ``io_cpus`` free for
+    Ray Data's read tasks (a training that holds every CPU would starve its own stream)."""
+    per_worker = max(0.25, (plan.total_cpus - plan.io_cpus) / plan.train_workers)
+    per_worker = per_worker if per_worker < 1 else float(int(per_worker))
+    return replace(plan, train_cpus_per_worker=min(plan.train_cpus_per_worker, per_worker))

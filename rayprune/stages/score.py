@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rayprune.config import JobConfig
 from rayprune.errors import InputError
-from rayprune.robust.loop import BatchStream, train_steps
+from rayprune.robust.loop import BatchStream, IndexedBatches, train_steps
 from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
 from rayprune.scoring.scores import score_from_histories
 from rayprune.stages.common import output_path, stage_for, write_json_atomic
@@ -81,7 +81,7 @@ def scoring_loop(spec: ScoringSpec) -> None:
     for epoch in range(saved["epoch"] + 1 if saved else 0, epochs):
         generator = w.generator(epoch)
         stats = train_steps(
-            w.model, w.optimizer, w.images, w.labels, stream, w.attack, w.recipe,
+            w.model, w.optimizer, IndexedBatches(w.images, w.labels, stream), w.attack, w.recipe,
             steps=per_epoch, first_step=epoch * per_epoch, total_steps=per_epoch * epochs, generator=generator,
             scaler=w.scaler,
         )

@@ -282,7 +282,8 @@ def start_worker(spec: TrainingSpec) -> Worker:
 
 def resume(worker: Worker, stream) -> dict | None:
     """Load the latest checkpoint, if any, into the worker's model and optimiser, and replay
-    ``stream`` to where it was; returns the checkpoint's other entries (None: a fresh start)."""
+    ``stream`` (an index stream, or None) to where it was; returns the checkpoint's other
+    entries (None: a fresh start)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -297,8 +298,9 @@ def resume(worker: Worker, stream) -> dict | None:
     scaler_state = saved.pop("scaler", None)
     if worker.scaler is not None and scaler_state:
         worker.scaler.load_state_dict(scaler_state)
-    for _ in range((saved["epoch"] + 1) * worker.spec.steps_per_epoch):  # the batches already drawn
-        stream.next()
+    if stream is not None:
+        for _ in range((saved["epoch"] + 1) * worker.spec.steps_per_epoch):  # the batches already drawn
+            stream.next()
     return saved
 
 
@@ -319,8 +321,10 @@ def report_epoch(worker: Worker, epoch: int, metrics: dict, extra: dict | None =
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def run_trainer(loop, loop_config, stage: Stage, plan: ResourcePlan, what: str, storage_path: str = "") -> None:
+def run_trainer(loop, loop_config, stage: Stage, plan: ResourcePlan, what: str, storage_path: str = "",
+                datasets: dict | None = None) -> None:
     """Run ``loop`` on the planned workers; checkpoints go where :func:`train_run_location` says.
+    ``datasets``: Ray Data datasets each worker reads its shard of (``get_dataset_shard``).
 
     Rerunning with the same stage and inputs resumes from the latest checkpoint (Ray
     Train V2 restores by run name and storage path); worker failures are retried.
@@ -336,6 +340,7 @@ def run_trainer(loop, loop_config, stage: Stage, plan: ResourcePlan, what: str, 
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=plan.train_workers, use_gpu=plan.train_use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
