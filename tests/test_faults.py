@@ -35,7 +35,7 @@ FAULT_JOB = {**TINY_JOB, "pool.demo.image_size": 12, "model.width": 12, "train.e
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, object_store_memory=300 * 2**20, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db"]
 
 
+def forget_current_cluster(gcs_port: int) -> None:
+    """Remove the note `ray start` leaves for later ``ray.init()`` calls (the address of "the"
+    cluster on this machine), but only if it still names the head this test started and stopped."""
+    note = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if note.read_text().strip().endswith(f":{gcs_port}"):
+            note.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tmp_path, mlflow_server):
     """The cluster path end to end: ray job submit, MLFLOW_TRACKING_URI via the runtime env."""
     uri, _ = mlflow_server
@@ -23,9 +35,9 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     ray_cli = str(bin_dir / "ray")
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     start = [
-        ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+        ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
         f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
         # Its own agent port: the default (52365) belongs to any other Ray on the machine, and an
@@ -49,6 +61,7 @@ def test_job_submit_runs_the_job_on_a_ray_head_and_tracks_to_an_mlflow_server(tm
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     finally:
         kill_process_group(head.pid)
+        forget_current_cluster(gcs_port)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr)
     assert "rayprune summary" in result.stdout

@@ -28,7 +28,7 @@ def job(tmp_path_factory):
     config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri,
                                 "final.compare_random": "true", "final.data_loading": "stream",
                                 "final.shuffle_buffer": 64, "publish_uri": str(out.parent / "published")})
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
     try:
         summary = run_pipeline(config)
         marks = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
