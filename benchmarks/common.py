@@ -109,3 +109,20 @@ class WorkerMemorySampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def timed_with_memory(fn):
+    """``(fn(), seconds, memory)``: ``fn`` timed while the Ray workers' and this driver's
+    resident memory are sampled; ``memory`` holds the peaks in MiB, named as the benchmarks
+    report them (sampled, so lower bounds)."""
+    with WorkerMemorySampler() as workers, WorkerMemorySampler(pids=[os.getpid()]) as driver:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return out, seconds, {"driver_peak_mib": driver.peak_total, "workers_peak_total_mib": workers.peak_total,
+                          "worker_peak_single_mib": workers.peak_single}
+
+
+def pool_mib(pool_dir: Path) -> float:
+    """Size of a pool's Parquet files on disk."""
+    return sum(f.stat().st_size for f in Path(pool_dir).glob("*.parquet")) / 2**20

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
-from benchmarks.common import WorkerMemorySampler, demo_pool, local_ray
+from benchmarks.common import demo_pool, local_ray, pool_mib, timed_with_memory
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import load_config
 
@@ -52,14 +51,9 @@ def measure_size(n_rows: int, p: dict, workdir: Path) -> dict:
     split = run_split(config, pool, root)
     score = run_score(config, pool, split, root, plan)
     driver_before = _rss_mib(os.getpid())
-    with WorkerMemorySampler() as workers, WorkerMemorySampler(pids=[os.getpid()]) as driver:
-        start = time.perf_counter()
-        run_extrapolate(config, pool, split, score, root, plan)
-        seconds = time.perf_counter() - start
+    _, seconds, memory = timed_with_memory(lambda: run_extrapolate(config, pool, split, score, root, plan))
     return {"rows": n_rows, "scored": len(split.subset_ids), "seconds": seconds, "rows_per_s": n_rows / seconds,
-            "driver_peak_mib": driver.peak_total, "driver_before_mib": driver_before,
-            "workers_peak_total_mib": workers.peak_total, "worker_peak_single_mib": workers.peak_single,
-            "pool_mib": sum(f.stat().st_size for f in pool_dir.glob("*.parquet")) / 2**20}
+            "driver_before_mib": driver_before, **memory, "pool_mib": pool_mib(pool_dir)}
 
 
 def run(preset: str, workdir: Path) -> BenchResult:

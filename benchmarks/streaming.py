@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import time
 from pathlib import Path
 
-from benchmarks.common import WorkerMemorySampler, demo_pool, local_ray
+from benchmarks.common import demo_pool, local_ray, pool_mib, timed_with_memory
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import load_config
 
@@ -56,18 +54,13 @@ def measure(pool_dir: Path, loading: str, p: dict, workdir: Path) -> dict:
     root.mkdir(parents=True)
     pool = open_pool(pool_dir)
     plan = plan_resources(config.ray)
-    with WorkerMemorySampler() as workers, WorkerMemorySampler(pids=[os.getpid()]) as driver:
-        start = time.perf_counter()
-        result = run_final(config, pool, pool_dir, {"benchmark": loading}, root, plan)
-        seconds = time.perf_counter() - start
+    result, seconds, memory = timed_with_memory(
+        lambda: run_final(config, pool, pool_dir, {"benchmark": loading}, root, plan))
     steady = result.history[1:] or result.history
     per_epoch_samples = p["steps"] * p["batch_size"]
     return {"rows": pool.info.num_rows, "loading": result.data_loading, "seconds": seconds,
             "samples_per_s": statistics.mean(per_epoch_samples / h["train_seconds"] for h in steady),
-            "losses": [h["loss"] for h in result.history],
-            "workers_peak_total_mib": workers.peak_total, "worker_peak_single_mib": workers.peak_single,
-            "driver_peak_mib": driver.peak_total,
-            "pool_mib": sum(f.stat().st_size for f in pool_dir.glob("*.parquet")) / 2**20}
+            "losses": [h["loss"] for h in result.history], **memory, "pool_mib": pool_mib(pool_dir)}
 
 
 def run(preset: str, workdir: Path) -> BenchResult:
