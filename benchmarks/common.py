@@ -62,22 +62,46 @@ def _rss_mib(pid: str) -> float:
         return 0.0
 
 
-def _ray_worker_pids() -> list[str]:
-    pids = []
+def _parent_pids() -> dict[str, str]:
+    """pid -> parent pid of every process (Linux: read from /proc)."""
+    parents = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parents[pid] = f.read().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+    return parents
+
+
+def _ray_worker_pids(root: str | None = None) -> list[str]:
+    """Ray worker processes (``ray::...``) descended from ``root`` (default: this process).
+
+    A local Ray instance's raylet is this driver's child and its workers the raylet's, so
+    another Ray instance on the machine (another benchmark, a parallel test) is not counted.
+    """
+    root = root or str(os.getpid())
+    parents = _parent_pids()
+    pids = []
+    for pid in parents:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read(5) == b"ray::":
-                    pids.append(pid)
+                if f.read(5) != b"ray::":
+                    continue
         except OSError:
             continue
+        ancestor, seen = parents.get(pid), set()
+        while ancestor and ancestor not in seen and ancestor != root:
+            seen.add(ancestor)
+            ancestor = parents.get(ancestor)
+        if ancestor == root:
+            pids.append(pid)
     return pids
 
 
 class WorkerMemorySampler:
-    """Samples the resident memory of Ray worker processes (``ray::...``) on this machine.
+    """Samples the resident memory of this driver's local Ray workers (``ray::...``).
 
     Or of the processes ``pids``, e.g. the driver's own. Reports the peak of their sum
     and of the largest single process. Linux-only (reads /proc); returns zeros

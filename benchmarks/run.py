@@ -39,6 +39,8 @@ def run_suite(preset: str, only: list[str] | None = None, workdir: Path | None =
     """Run the chosen benchmarks in order and return their results; ``kinds``: end_to_end's pool kinds."""
     names = check_choice(preset, only)
     results = []
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)  # a scratch parent the user named; only its temp child is removed
     with tempfile.TemporaryDirectory(prefix="rayprune-bench-", dir=workdir) as tmp:
         for name in names:
             module = importlib.import_module(f"benchmarks.{name}")
