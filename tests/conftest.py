@@ -25,20 +25,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # that tests start (Ray's own, `ray start`, the jobs) inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
-#: Test files that take a minute or more, longest first (measured). The suite runs on two
-#: workers, a file per worker at a time (pyproject: ``-n 2 --dist loadfile``); starting the
-#: long files first lets the short ones fill the gaps instead of one long file ending last.
-SLOW_FILES_FIRST = ("test_faults.py", "test_benchmarks.py", "test_multinode.py", "test_pipeline.py",
-                    "test_benchmark_end_to_end.py", "test_job_submit.py", "test_resume.py", "test_bad_input.py",
-                    "test_security.py", "test_evaluation.py", "test_tracking.py", "test_storage.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow files first (SLOW_FILES_FIRST), each file's tests in their written order."""
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 #: A job small enough for a 2-CPU CI machine: 600 rows of 8x8 images, 4 short epochs.
 TINY_JOB = {
     "pool.demo.n_real": 150,
@@ -295,13 +281,3 @@ def tree_snapshot(root: Path) -> dict[str, object]:
             else:
                 out[key] = f"<special {stat.S_IFMT(mode):o}>"
     return out
-
-
-def run_ci_benchmarks(names: list[str], out) -> dict:
-    """``names`` at their CI size, through the same entry point as the command; the JSON it wrote."""
-    import json
-
-    from benchmarks.run import main
-
-    assert main(["--preset", "ci", "--only", ",".join(names), "--json", str(out)]) == 0
-    return json.loads(out.read_text())

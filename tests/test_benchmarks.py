@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-from conftest import run_ci_benchmarks
 
 from benchmarks.report import BenchResult, Comparison, markdown_table, read_json, write_json
 from benchmarks.report import main as report_main
@@ -101,29 +100,56 @@ def test_neighbours_table_and_json(neighbours_ci, tmp_path):
     assert [c["ratio"] for c in saved["comparisons"]] == pytest.approx([c.ratio for c in neighbours_ci.comparisons])
 
 
-#: The Ray benchmarks but end_to_end, which has its own file (tests/test_benchmark_end_to_end.py)
-#: so that the two halves can run on different test workers.
-RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "streaming"]
+RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "streaming", "end_to_end"]
 
 
 @pytest.fixture(scope="module")
 def ray_suite_ci(tmp_path_factory):
-    return run_ci_benchmarks(RAY_BENCHMARKS, tmp_path_factory.mktemp("bench") / "results.json")
+    """The Ray benchmarks at their CI size, through the same entry point as the command."""
+    from benchmarks.run import main
+
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    assert main(["--preset", "ci", "--only", ",".join(RAY_BENCHMARKS), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
 def test_ray_benchmarks_run_and_write_well_formed_results(ray_suite_ci):
     results = {r["benchmark"]: r for r in ray_suite_ci["results"]}
-    assert set(results) == set(RAY_BENCHMARKS)
+    assert set(results) == {"embedding", "training_step", "scaling", "streaming", "end_to_end", "fidelity"}
     assert ray_suite_ci["preset"] == "ci" and ray_suite_ci["machine"]["cpus"] >= 1
     for name, res in results.items():
-        assert res["comparisons"], name
+        # Fidelity ratios need positive correlations, which the ci pool is too small to give.
+        assert res["comparisons"] or name == "fidelity", name
         for c in res["comparisons"]:
             assert math.isfinite(c["ratio"]) and c["baseline_value"] != 0, (name, c)
             assert c["met"] is None or c["met"] == (c["ratio"] >= c["target"]), (name, c)
     # The two paths of the embedding and training benchmarks did the same work.
     assert all(row["max_embedding_difference"] <= 1e-3 for row in results["embedding"]["rows"])
     assert results["training_step"]["rows"][0]["max_loss_difference"] <= 1e-3
+
+
+@pytest.mark.slow
+def test_end_to_end_compute_matches_the_budget_formula(ray_suite_ci):
+    """Recording passes: epochs x (attack steps + 2) per scored sample, counted independently here."""
+    from benchmarks.end_to_end import PRESETS
+
+    p = PRESETS["ci"]
+    rows = {r["run"]: r for r in next(r for r in ray_suite_ci["results"] if r["benchmark"] == "end_to_end")["rows"]}
+    per_sample = p["train.epochs"] * (p["attack.steps"] + 2)
+    for run in ("subset", "full", "full_seed1"):
+        assert rows[run]["recording_passes"] == rows[run]["scored"] * per_sample
+    assert rows["full"]["scored"] == p["pool.demo.n_synthetic"]  # every prunable sample scored
+    assert rows["subset"]["scored"] == round(0.1 * p["pool.demo.n_synthetic"])
+    assert rows["subset"]["training_passes"] == rows["full"]["training_passes"]  # the same step budget
+    assert rows["subset"]["pool_pass"] == rows["subset"]["pool"]  # one forward pass per row (clean signals)
+    fidelity = next(r for r in ray_suite_ci["results"] if r["benchmark"] == "fidelity")
+    for row in fidelity["rows"]:
+        for key in ("ceiling", "subset_own", "learned", "knn_default", "best_knn", "learned_probe", "knn_probe"):
+            assert -1.0 <= row[key] <= 1.0, (key, row)
+        assert row["best_knn"] >= row["knn_default"]  # the default is one of the variants
+        assert row["learned_probe_bias"] == pytest.approx(row["learned_probe"] - row["learned"])
+        assert row["n_rest"] == p["pool.demo.n_synthetic"] - rows["subset"]["scored"]
 
 
 @pytest.mark.slow
