@@ -314,7 +314,7 @@ def run_final(config: JobConfig, pool: PoolRef, pruned_pool: Path, made_by: dict
         run_plan = streaming_plan(plan) if stream else plan
         spec = FinalSpec(
             TrainingSpec(config, config.final.train, tuple(files), in_memory_ids, tuple(info.image_shape),
-                         info.num_classes, per_epoch, run_plan.threads(run_plan.train_cpus_per_worker)),
+                         info.num_classes, per_epoch, plan.threads(plan.train_cpus_per_worker)),
             val_ids, model_file, history_file, stream,
         )
         datasets = None

@@ -187,7 +187,11 @@ def plan_from_resources(config: RaySection, cpus: float, gpus: float, max_node_c
 
 def streaming_plan(plan: ResourcePlan) -> ResourcePlan:
     """``plan`` for a training that streams its rows: the workers leave ``io_cpus`` free for
-    Ray Data's read tasks (a training that holds every CPU would starve its own stream)."""
+    Ray Data's read tasks (a training that holds every CPU would starve its own stream).
+
+    Only the reservation shrinks: the stream's read, filter and decode use a few percent of
+    a core (raw pixel bytes, no codec), so the workers keep the torch threads of ``plan``,
+    as the embedding actors do (module docstring)."""
     per_worker = max(0.25, (plan.total_cpus - plan.io_cpus) / plan.train_workers)
     per_worker = per_worker if per_worker < 1 else float(int(per_worker))
     return replace(plan, train_cpus_per_worker=min(plan.train_cpus_per_worker, per_worker))
