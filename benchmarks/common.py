@@ -40,6 +40,9 @@ def local_ray(num_cpus: int | None = None):
     """A local Ray instance for one benchmark, shut down afterwards."""
     import ray
 
+    from rayprune.stages.resources import configure_ray_data
+
+    configure_ray_data()  # the job's Ray Data settings, so the benchmark measures what the job runs
     # address="local": a new instance, never a cluster that `ray start` left on the machine.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
              include_dashboard=False, log_to_driver=False)

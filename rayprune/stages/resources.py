@@ -53,8 +53,29 @@ class ResourcePlan:
         return max(1, math.ceil(cpus))
 
 
+#: Set to 1 to read Parquet through Ray Data's DataSource V2 reader (the Ray 2.60 default).
+PARQUET_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+
+
+def configure_ray_data() -> None:
+    """Ray Data settings of the datasets this driver builds.
+
+    Parquet is read with Ray Data's V1 reader unless RAY_DATA_USE_DATASOURCE_V2 is set.
+    The V2 reader starts 32 footer-reading actors on every execution: measured on 2 CPUs
+    over a 100k-row pool of 10 files, 2.3-3 s before the first batch against 0.1-0.5 s for
+    V1, at the same rows per second. Every stage's read and every pass of the streamed
+    final training starts an execution, so the job would pay it dozens of times.
+    """
+    import ray.data
+
+    if PARQUET_READER_ENV not in os.environ:
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+
+
 def connect(config: RaySection) -> None:
-    """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a new local Ray."""
+    """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a new local Ray, with
+    this driver's Ray Data settings (:func:`configure_ray_data`)."""
+    configure_ray_data()
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
