@@ -104,3 +104,30 @@ def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_tas
     assert record.p_adv.mean() < record.p_clean.mean()  # the attack lowers true-class probability
     np.testing.assert_allclose(compute_embeddings(model, x, batch_size=7), model.embed(x).detach().numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
+    """A training worker's float images, decoded a few rows at a time straight into one
+    tensor, equal each requested row's bytes read with pyarrow and converted by hand, in
+    the order the ids were asked for (across files, unsorted, a last chunk that is short)."""
+    import pyarrow.dataset as pads
+
+    from rayprune.data.demo_pool import DemoPoolSpec
+    from rayprune.data.pool import pool_files, write_demo_pool
+    from rayprune.stages.training import load_float_rows
+
+    info = write_demo_pool(DemoPoolSpec(n_real=40, n_synthetic=160, image_size=8, num_classes=3), tmp_path / "pool",
+                           rows_per_file=64)
+    files = pool_files(tmp_path / "pool", info)
+    assert len(files) > 1
+    ids = np.random.default_rng(0).permutation(200)[:77]
+    got_ids, images, labels, sources = load_float_rows(files, ids, (8, 8, 3), chunk_rows=10)
+
+    table = pads.dataset(files, format="parquet").to_table().sort_by("id")  # row i holds id i
+    rows = [table.slice(int(i), 1).to_pylist()[0] for i in ids]
+    want = np.stack([np.frombuffer(r["image"], np.uint8).reshape(8, 8, 3).transpose(2, 0, 1) for r in rows]) / 255.0
+    np.testing.assert_array_equal(got_ids, ids)
+    assert images.dtype == torch.float32 and images.is_contiguous() and tuple(images.shape) == (77, 3, 8, 8)
+    np.testing.assert_allclose(images.numpy(), want, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(labels, [r["label"] for r in rows])
+    assert list(sources) == [r["source"] for r in rows]

@@ -74,14 +74,15 @@ class FinalResult:
     data_loading_reason: str
 
 
-#: Bytes a worker holds per image pixel channel in memory: the uint8 row and its float32 copy.
+#: Bytes a worker holds per image pixel channel while it loads its shard: the row as read
+#: from Parquet and its float32 copy (``load_float_rows`` decodes in chunks between them).
 MEMORY_BYTES_PER_VALUE = 5
 STREAM_DATASET = "train_stream"
 
 
 def choose_data_loading(mode: str, rows_per_worker: int, image_shape, limit_mib: int) -> tuple[str, str]:
     """``("memory" | "stream", why)``: ``auto`` streams when a worker's in-memory shard of
-    ``rows_per_worker`` images would exceed ``limit_mib`` (uint8 rows plus float32 copies)."""
+    ``rows_per_worker`` images would exceed ``limit_mib`` (rows as read plus float32 copies)."""
     need_mib = rows_per_worker * int(np.prod(image_shape)) * MEMORY_BYTES_PER_VALUE / 2**20
     size = f"{rows_per_worker} rows per worker would need about {need_mib:.{0 if need_mib >= 10 else 1}f} MiB in memory"
     if mode != "auto":
