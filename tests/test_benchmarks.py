@@ -105,11 +105,18 @@ RAY_BENCHMARKS = ["embedding", "training_step", "scaling", "streaming", "end_to_
 
 @pytest.fixture(scope="module")
 def ray_suite_ci(tmp_path_factory):
-    """The Ray benchmarks at their CI size, through the same entry point as the command."""
+    """The Ray benchmarks at their CI size, through the same entry point as the command, on
+    one local Ray instance (each would otherwise start and stop its own)."""
+    import ray
+
     from benchmarks.run import main
 
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    assert main(["--preset", "ci", "--only", ",".join(RAY_BENCHMARKS), "--json", str(out)]) == 0
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, dashboard_host="127.0.0.1")
+    try:
+        assert main(["--preset", "ci", "--only", ",".join(RAY_BENCHMARKS), "--json", str(out)]) == 0
+    finally:
+        ray.shutdown()
     return json.loads(out.read_text())
 
 
@@ -182,3 +189,5 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
     for row in streaming["rows"]:
         assert len(row["losses"]) == p["epochs"] and all(math.isfinite(v) for v in row["losses"])
         assert row["samples_per_s"] > 0 and row["worker_peak_single_mib"] > 0
+        # Private memory is part of RSS (read a moment later, so a little slack).
+        assert 0 < row["worker_peak_single_private_mib"] <= row["worker_peak_single_mib"] + 64

@@ -110,3 +110,23 @@ def test_evaluators_use_every_cpu_and_at_most_one_gpu_each():
     assert n == 8 and cpus * n <= 64  # one per GPU, never an actor left waiting for one
     with pytest.raises(ConfigError, match="evaluation.actors=9 exceeds the cluster's 8 GPU"):
         evaluator_layout(gpus, 10_000, actors=9)
+
+
+def test_parquet_is_read_with_the_v1_reader_unless_the_environment_picks_one(monkeypatch):
+    import ray.data
+
+    from rayprune.stages.resources import PARQUET_READER_ENV, configure_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    try:
+        monkeypatch.delenv(PARQUET_READER_ENV, raising=False)
+        ctx.use_datasource_v2 = True
+        configure_ray_data()
+        assert ctx.use_datasource_v2 is False
+        monkeypatch.setenv(PARQUET_READER_ENV, "1")  # the user's choice (Ray read it into the default) stands
+        ctx.use_datasource_v2 = True
+        configure_ray_data()
+        assert ctx.use_datasource_v2 is True
+    finally:
+        ctx.use_datasource_v2 = before

@@ -114,14 +114,14 @@ def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
 
     from rayprune.data.demo_pool import DemoPoolSpec
     from rayprune.data.pool import pool_files, write_demo_pool
-    from rayprune.stages.training import load_float_rows
+    from rayprune.stages.training import load_float_rows, load_rows
 
     info = write_demo_pool(DemoPoolSpec(n_real=40, n_synthetic=160, image_size=8, num_classes=3), tmp_path / "pool",
                            rows_per_file=64)
     files = pool_files(tmp_path / "pool", info)
     assert len(files) > 1
     ids = np.random.default_rng(0).permutation(200)[:77]
-    got_ids, images, labels, sources = load_float_rows(files, ids, (8, 8, 3), chunk_rows=10)
+    got_ids, images, labels, sources = load_float_rows(files, ids, (8, 8, 3), batch_rows=10)
 
     table = pads.dataset(files, format="parquet").to_table().sort_by("id")  # row i holds id i
     rows = [table.slice(int(i), 1).to_pylist()[0] for i in ids]
@@ -131,3 +131,7 @@ def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
     np.testing.assert_allclose(images.numpy(), want, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(labels, [r["label"] for r in rows])
     assert list(sources) == [r["source"] for r in rows]
+    want_u8 = np.stack([np.frombuffer(r["image"], np.uint8).reshape(8, 8, 3) for r in rows])
+    np.testing.assert_array_equal(load_rows(files, ids, (8, 8, 3), batch_rows=7)[1], want_u8)
+    with pytest.raises(RuntimeError, match="lack 2 of this shard's ids"):
+        load_float_rows(files, np.array([5, 999, 3, 1000]), (8, 8, 3))

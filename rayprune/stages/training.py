@@ -143,54 +143,78 @@ def shard_ids(all_ids: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.sort(all_ids)[rank::world]
 
 
-def _rows_table(source, ids: np.ndarray) -> pa.Table:
-    """The rows of ``ids`` from Parquet files, in the order of ``ids`` (one reordering copy)."""
+def _scatter_rows(source, ids: np.ndarray, image_shape, on_images, batch_rows: int):
+    """Read the rows of ``ids`` from Parquet, ``batch_rows`` at a time, and hand each
+    batch's decoded uint8 images to ``on_images(dest, images)``, ``dest`` being their
+    positions in ``ids``; returns ``(labels, sources)`` in the order of ``ids``.
+
+    No step concatenates or reorders the whole shard: Arrow's binary columns hold at most
+    2 GiB per array, which a 1M-row shard of 32 px images (3 GiB) exceeds, and the peak
+    stays at the caller's arrays plus one batch.
+    """
     if isinstance(source, (list, tuple)):
         fs, paths = storage.files_on(list(source))
         dataset = pads.dataset(paths, format="parquet", filesystem=fs)
     else:
         fs, path = storage.resolve(str(source))
         dataset = pads.dataset(path, format="parquet", filesystem=fs)
-    table = dataset.to_table(filter=pads.field("id").isin(pa.array(ids, pa.int64())))
-    got = table["id"].to_numpy()
-    order = np.argsort(got)
-    if not np.array_equal(got[order], np.sort(ids)):
-        raise RuntimeError(f"the files at {source} lack {len(ids) - len(got)} of this shard's ids")
-    return table.take(pa.array(order[np.searchsorted(got[order], ids)]))
+    sorter = np.argsort(ids, kind="stable")
+    sorted_ids = ids[sorter]
+    seen = np.zeros(len(ids), bool)
+    labels = np.empty(len(ids), np.int64)
+    sources = np.empty(len(ids), dtype=object)
+    for batch in dataset.to_batches(columns=["id", "image", "label", "source"], batch_size=batch_rows,
+                                    filter=pads.field("id").isin(pa.array(ids, pa.int64()))):
+        got = batch["id"].to_numpy()
+        dest = sorter[np.searchsorted(sorted_ids, got)]
+        if seen[dest].any() or len(np.unique(dest)) < len(dest):
+            raise RuntimeError(f"the files at {source} hold some of this shard's ids more than once")
+        seen[dest] = True
+        on_images(dest, decode_images(batch["image"], image_shape, ids=batch["id"], origin=f"rows at {source}"))
+        labels[dest] = batch["label"].to_numpy()
+        sources[dest] = batch["source"].to_pylist()
+    if not seen.all():
+        raise RuntimeError(f"the files at {source} lack {int((~seen).sum())} of this shard's ids")
+    return labels, sources
 
 
-def load_rows(source, ids: np.ndarray, image_shape):
-    """``(ids, images, labels, sources)`` of ``ids`` from Parquet files, in the order of ``ids``.
+def load_rows(source, ids: np.ndarray, image_shape, batch_rows: int = 4096):
+    """``(ids, images, labels, sources)`` of ``ids`` from Parquet files, in the order of ``ids``;
+    images uint8 (n, H, W, C).
 
     ``source`` is a directory of Parquet files or a list of files (local paths or URIs).
     """
-    table = _rows_table(source, ids)
-    # Copies: Arrow hands out read-only buffers, which torch refuses to wrap.
-    return (table["id"].to_numpy().copy(),
-            decode_images(table["image"], image_shape, ids=table["id"], origin=f"rows at {source}").copy(),
-            table["label"].to_numpy().copy(), np.asarray(table["source"].to_pylist(), dtype=object))
+    ids = np.asarray(ids, np.int64)
+    images = np.empty((len(ids), *image_shape), np.uint8)
+
+    def put(dest, part):
+        images[dest] = part
+
+    labels, sources = _scatter_rows(source, ids, image_shape, put, batch_rows)
+    return ids.copy(), images, labels, sources
 
 
-def load_float_rows(source, ids: np.ndarray, image_shape, chunk_rows: int = 4096):
+def load_float_rows(source, ids: np.ndarray, image_shape, batch_rows: int = 4096):
     """:func:`load_rows` with the images as one float32 (n, C, H, W) tensor in [0, 1]
-    (``to_float_images``), decoded ``chunk_rows`` at a time into it.
+    (``to_float_images``), decoded batch by batch straight into it: what a training
+    worker holds.
 
-    What a training worker holds. Decoding in chunks keeps the peak near the tensor plus
-    the Arrow rows (5 bytes per value), where decoding every row first and then
-    converting held about 11 (bytes objects, joined bytes, uint8 copy, and two float32
-    copies while permuting): 4.3 GiB for a 100k-row shard of 32 px images.
+    The peak is the tensor plus one batch, about 4 bytes per pixel value. Reading the
+    whole shard, decoding it and then converting held about 11 (Arrow rows, bytes objects,
+    joined bytes, a uint8 copy and two float32 copies while permuting): 4.3 GiB for a
+    100k-row shard of 32 px images.
     """
     from rayprune.robust.training import to_float_images
 
-    table = _rows_table(source, ids)
+    ids = np.asarray(ids, np.int64)
     h, w, c = image_shape
-    images = torch.empty((table.num_rows, c, h, w), dtype=torch.float32)
-    for start in range(0, table.num_rows, chunk_rows):
-        part = table.slice(start, chunk_rows)
-        images[start:start + part.num_rows] = to_float_images(
-            decode_images(part["image"], image_shape, ids=part["id"], origin=f"rows at {source}"))
-    return (table["id"].to_numpy().copy(), images, table["label"].to_numpy().copy(),
-            np.asarray(table["source"].to_pylist(), dtype=object))
+    images = torch.empty((len(ids), c, h, w), dtype=torch.float32)
+
+    def put(dest, part):
+        images[torch.from_numpy(dest)] = to_float_images(part)
+
+    labels, sources = _scatter_rows(source, ids, image_shape, put, batch_rows)
+    return ids.copy(), images, labels, sources
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
