@@ -66,25 +66,20 @@ def driver_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rss_mib(pid: str) -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _private_mib(pid: str) -> float:
-    """Anonymous resident memory (RssAnon): heap and tensors, without the shared-memory
-    pages of Ray's object store and the mapped files that RSS also counts."""
+def memory_mib(pid: int | str) -> tuple[float, float]:
+    """``(resident, private)`` memory of process ``pid`` in MiB, from one read of
+    /proc/PID/status (zeros if it is gone). Resident (VmRSS) also counts the shared-memory
+    pages of Ray's object store and mapped files; private (RssAnon) is heap and tensors."""
+    found = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(("VmRSS:", "RssAnon:")):
+                    key, kib = line.split()[:2]
+                    found[key] = int(kib) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0.0
+    return found.get("VmRSS:", 0.0), found.get("RssAnon:", 0.0)
 
 
 def _parent_pids() -> dict[str, str]:
@@ -145,12 +140,11 @@ class WorkerMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = self.pids or _ray_worker_pids()
-            sizes = [_rss_mib(p) for p in pids]
+            sizes = [memory_mib(p) for p in (self.pids or _ray_worker_pids())]
             if sizes:
-                self.peak_total = max(self.peak_total, sum(sizes))
-                self.peak_single = max(self.peak_single, max(sizes))
-                self.peak_single_private = max(self.peak_single_private, max(_private_mib(p) for p in pids))
+                self.peak_total = max(self.peak_total, sum(rss for rss, _ in sizes))
+                self.peak_single = max(self.peak_single, max(rss for rss, _ in sizes))
+                self.peak_single_private = max(self.peak_single_private, max(private for _, private in sizes))
             time.sleep(self.interval)
 
     def __enter__(self) -> WorkerMemorySampler:

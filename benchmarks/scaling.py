@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from benchmarks.common import demo_pool, local_ray, pool_mib, timed_with_memory
+from benchmarks.common import demo_pool, local_ray, memory_mib, pool_mib, timed_with_memory
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import load_config
 
@@ -25,11 +25,6 @@ PRESETS = {
     "small": {"sizes": [10_000, 30_000, 100_000], "image_size": 16, "scored": 2_000, "width": 32},
     "full": {"sizes": [10_000, 100_000, 1_000_000], "image_size": 32, "scored": 5_000, "width": 32},
 }
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_size(n_rows: int, p: dict, workdir: Path) -> dict:
@@ -50,7 +45,7 @@ def measure_size(n_rows: int, p: dict, workdir: Path) -> dict:
     pool = run_pool(config, root)
     split = run_split(config, pool, root)
     score = run_score(config, pool, split, root, plan)
-    driver_before = _rss_mib(os.getpid())
+    driver_before = memory_mib(os.getpid())[0]
     _, seconds, memory = timed_with_memory(lambda: run_extrapolate(config, pool, split, score, root, plan))
     return {"rows": n_rows, "scored": len(split.subset_ids), "seconds": seconds, "rows_per_s": n_rows / seconds,
             "driver_before_mib": driver_before, **memory, "pool_mib": pool_mib(pool_dir)}
