@@ -135,3 +135,18 @@ def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
     np.testing.assert_array_equal(load_rows(files, ids, (8, 8, 3), batch_rows=7)[1], want_u8)
     with pytest.raises(RuntimeError, match="lack 2 of this shard's ids"):
         load_float_rows(files, np.array([5, 999, 3, 1000]), (8, 8, 3))
+
+    # Files of many row groups, a few of which hold the wanted rows (the others are
+    # skipped after their id column), read from a directory in batches smaller than a group.
+    import pyarrow.parquet as pq
+
+    regrouped = tmp_path / "regrouped"
+    regrouped.mkdir()
+    pq.write_table(table.slice(0, 120), regrouped / "a.parquet", row_group_size=16)
+    pq.write_table(table.slice(120), regrouped / "b.parquet", row_group_size=16)
+    few = np.array([130, 3, 47, 199, 17, 18])
+    got = load_rows(regrouped, few, (8, 8, 3), batch_rows=5)
+    rows = [table.slice(int(i), 1).to_pylist()[0] for i in few]
+    want_few = np.stack([np.frombuffer(r["image"], np.uint8).reshape(8, 8, 3) for r in rows])
+    np.testing.assert_array_equal(got[1], want_few)
+    np.testing.assert_array_equal(got[2], [r["label"] for r in rows])

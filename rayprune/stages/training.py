@@ -148,9 +148,13 @@ def _scatter_rows(source, ids: np.ndarray, image_shape, on_images, batch_rows: i
     batch's decoded uint8 images to ``on_images(dest, images)``, ``dest`` being their
     positions in ``ids``; returns ``(labels, sources)`` in the order of ``ids``.
 
-    No step concatenates or reorders the whole shard: Arrow's binary columns hold at most
-    2 GiB per array, which a 1M-row shard of 32 px images (3 GiB) exceeds, and the peak
-    stays at the caller's arrays plus one batch.
+    Each row group's id column is read first, and only the groups that hold wanted rows
+    are read further, one batch at a time: a worker that wants 2,000 real rows of a
+    1M-row pool reads a few row groups, not the whole pool. (A filtered scan of every
+    file read every image column with Arrow's read-ahead: 1.2 s and 527 MiB of private
+    memory for 2,000 rows of a 400k-row pool.) No step concatenates or reorders the whole
+    shard: Arrow's binary columns hold at most 2 GiB per array, which a 1M-row shard of
+    32 px images (3 GiB) exceeds, and the peak stays at the caller's arrays plus one batch.
     """
     if isinstance(source, (list, tuple)):
         fs, paths = storage.files_on(list(source))
@@ -163,16 +167,28 @@ def _scatter_rows(source, ids: np.ndarray, image_shape, on_images, batch_rows: i
     seen = np.zeros(len(ids), bool)
     labels = np.empty(len(ids), np.int64)
     sources = np.empty(len(ids), dtype=object)
-    for batch in dataset.to_batches(columns=["id", "image", "label", "source"], batch_size=batch_rows,
-                                    filter=pads.field("id").isin(pa.array(ids, pa.int64()))):
-        got = batch["id"].to_numpy()
-        dest = sorter[np.searchsorted(sorted_ids, got)]
-        if seen[dest].any() or len(np.unique(dest)) < len(dest):
-            raise RuntimeError(f"the files at {source} hold some of this shard's ids more than once")
-        seen[dest] = True
-        on_images(dest, decode_images(batch["image"], image_shape, ids=batch["id"], origin=f"rows at {source}"))
-        labels[dest] = batch["label"].to_numpy()
-        sources[dest] = batch["source"].to_pylist()
+    for fragment in dataset.get_fragments():
+        for group in fragment.split_by_row_group():
+            wanted = np.isin(group.to_table(columns=["id"]).column("id").to_numpy(), sorted_ids)
+            if not wanted.any():
+                continue
+            offset = 0
+            for batch in group.to_batches(columns=["id", "image", "label", "source"], batch_size=batch_rows,
+                                          batch_readahead=1, fragment_readahead=1):
+                rows = np.flatnonzero(wanted[offset:offset + batch.num_rows])
+                offset += batch.num_rows
+                if not len(rows):
+                    continue
+                batch = batch.take(pa.array(rows))
+                got = batch["id"].to_numpy()
+                dest = sorter[np.searchsorted(sorted_ids, got)]
+                if seen[dest].any() or len(np.unique(dest)) < len(dest):
+                    raise RuntimeError(f"the files at {source} hold some of this shard's ids more than once")
+                seen[dest] = True
+                on_images(dest, decode_images(batch["image"], image_shape, ids=batch["id"],
+                                              origin=f"rows at {source}"))
+                labels[dest] = batch["label"].to_numpy()
+                sources[dest] = batch["source"].to_pylist()
     if not seen.all():
         raise RuntimeError(f"the files at {source} lack {int((~seen).sum())} of this shard's ids")
     return labels, sources
