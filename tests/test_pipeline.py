@@ -36,12 +36,14 @@ def job(tmp_path_factory):
         marks_after = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
         sharded = _evaluate_on_three_actors(config, summary.outputs["final_model"], out.parent / "sharded")
         one_pass = _one_stream_pass_per_worker(config, summary.outputs["pruned_pool"], workers=2, batch=16)
+        paced = _scheduling_steps_of_one_driver_pass(summary.outputs["pruned_pool"])
     finally:
         ray.shutdown()
     pool = pads.dataset(pool_files(summary.outputs["pool"]), format="parquet").to_table().sort_by("id")
     scores = pads.dataset(summary.outputs["scores"], format="parquet").to_table().sort_by("id").to_pandas()
     return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
-            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded, "one_pass": one_pass}
+            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded, "one_pass": one_pass,
+            "paced": paced}
 
 
 def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -> dict:
@@ -49,8 +51,9 @@ def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -
     splits it (``streaming_split``, equal shares) and read by ``workers`` concurrent readers."""
     import threading
 
-    from rayprune.stages.final import split_train_val, stream_dataset, stream_passes
+    from rayprune.stages.final import split_train_val
     from rayprune.stages.prepare import read_ids_and_sources
+    from rayprune.stages.stream import stream_dataset, stream_passes
 
     info = read_pool_info(pruned_pool)
     files = pool_files(pruned_pool, info)
@@ -69,6 +72,28 @@ def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -
         t.join(timeout=300)
     expected = ids[np.isin(sources, list(config.pool.prunable_sources)) & ~np.isin(ids, val)]
     return {"batches": got, "expected_ids": expected, "batch": batch}
+
+
+def _scheduling_steps_of_one_driver_pass(pruned_pool) -> dict:
+    """One pass of the training stream read in this process, with the times (monotonic) at
+    which Ray Data's scheduling loop stepped, recorded by wrapping the stream's pacer."""
+    from rayprune.stages import stream
+
+    info = read_pool_info(pruned_pool)
+    steps: list[float] = []
+    pace = stream.PacedSchedulingLoop.on_execution_step
+
+    def recorded(self, executor):
+        pace(self, executor)
+        steps.append(self._last)
+
+    stream.PacedSchedulingLoop.on_execution_step = recorded
+    try:
+        dataset = stream.stream_dataset(pool_files(pruned_pool, info), None, np.empty(0, np.int64), seed=0)
+        rows = sum(len(batch["id"]) for batch in dataset.iter_batches(batch_size=64, batch_format="pyarrow"))
+    finally:
+        stream.PacedSchedulingLoop.on_execution_step = pace
+    return {"steps": steps, "rows": rows, "pool_rows": info.num_rows}
 
 
 def _evaluate_on_three_actors(config, model_file, root):
@@ -211,6 +236,17 @@ def test_a_rerun_with_other_options_is_refused_then_archives_exactly_the_stale_s
             continue
         now = moved[stage] / rel.relative_to(stage) if stage in moved else out / rel
         assert now.read_bytes() == content
+
+
+def test_ray_data_paces_the_training_streams_scheduling_loop(job):
+    """The pacer is a Ray Data execution callback: Ray must call it on every step of the
+    stream's loop, and the steps it paced must start at least an interval apart."""
+    from rayprune.stages.stream import MIN_STEP_INTERVAL_S
+
+    paced = job["paced"]
+    assert paced["rows"] == paced["pool_rows"]  # nothing excluded: every row of the pruned pool
+    assert len(paced["steps"]) >= 2
+    assert np.diff(paced["steps"]).min() >= MIN_STEP_INTERVAL_S - 1e-3  # sleep never ends early; clock rounding
 
 
 def test_one_pass_of_the_training_stream_reads_each_streamed_row_at_most_once(job):

@@ -9,13 +9,8 @@ import torch
 from rayprune.config import ConfigError, load_config
 from rayprune.data.pool import encode_images
 from rayprune.robust.loop import BatchStream, ConcatBatches, IndexedBatches, StreamedBatches, mix_counts
-from rayprune.stages.final import (
-    MEMORY_BYTES_PER_VALUE,
-    KeepRows,
-    choose_data_loading,
-    plan_data_loading,
-    stream_passes,
-)
+from rayprune.stages.final import MEMORY_BYTES_PER_VALUE, choose_data_loading, plan_data_loading
+from rayprune.stages.stream import KeepRows, PacedSchedulingLoop, stream_passes
 
 SHAPE = (4, 4, 3)
 
@@ -156,3 +151,52 @@ def test_a_stream_too_small_for_a_batch_per_worker_is_refused_or_falls_back_to_m
     assert (loading, stream) == ("memory", None) and "fewer than one batch per worker" in why
     nothing = _final(data_loading="stream", synthetic_fraction=0.0)
     assert plan_data_loading(nothing, 200, 150, 50, 1, (8, 8, 3), mixed=True)[:1] == ("memory",)
+
+
+class _FakeClock:
+    """A monotonic clock that moves only when told to or when slept on."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class _Executor:
+    """What the pacer asks of Ray Data's executor: whether its consumer is waiting for data."""
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+
+    def _consumer_idling(self) -> bool:
+        return self.idle
+
+
+def test_the_paced_scheduling_loop_sleeps_off_the_rest_of_each_short_step_while_the_consumer_is_served():
+    clock = _FakeClock()
+    pacer = PacedSchedulingLoop(interval=0.05, clock=clock, sleep=clock.sleep)
+    starts = []
+    for step_seconds in [0.0, 0.01, 0.2, 0.0, 0.049, 0.0]:  # how long each step's own work takes
+        pacer.on_execution_step(_Executor(idle=False))
+        starts.append(clock.now)
+        clock.now += step_seconds
+    # The first step is not delayed; after that a step starts at least one interval after
+    # the one before it, and a step that took longer than the interval is not delayed.
+    assert clock.slept == pytest.approx([0.05, 0.04, 0.05, 0.001])
+    assert np.diff(starts) == pytest.approx([0.05, 0.05, 0.2, 0.05, 0.05])
+
+
+def test_the_paced_scheduling_loop_never_delays_a_waiting_consumer_and_paces_an_unknown_executor():
+    clock = _FakeClock()
+    pacer = PacedSchedulingLoop(interval=0.05, clock=clock, sleep=clock.sleep)
+    for _ in range(5):
+        pacer.on_execution_step(_Executor(idle=True))
+        clock.now += 0.001
+    assert clock.slept == []
+    pacer.on_execution_step(object())  # an executor without the test: paced
+    assert clock.slept == pytest.approx([0.049])

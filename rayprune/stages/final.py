@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rayprune.config import ConfigError, JobConfig
-from rayprune.data.pool import decode_images, pool_files, read_pool_info
+from rayprune.data.pool import pool_files, read_pool_info
 from rayprune.robust.ema import ModelEMA
 from rayprune.robust.loop import (
     BatchStream,
@@ -42,6 +42,7 @@ from rayprune.robust.training import to_float_images
 from rayprune.stages.common import stage_for
 from rayprune.stages.prepare import PoolRef, read_ids_and_sources
 from rayprune.stages.resources import ResourcePlan, streaming_plan
+from rayprune.stages.stream import STREAM_DATASET, stream_dataset, stream_passes
 from rayprune.stages.training import (
     TrainingSpec,
     attack_from_config,
@@ -78,7 +79,6 @@ class FinalResult:
 #: ``load_float_rows`` decodes into batch by batch, plus Parquet's read buffers (measured
 #: about 4.4 at 1M rows of 32 px images).
 MEMORY_BYTES_PER_VALUE = 5
-STREAM_DATASET = "train_stream"
 
 
 def choose_data_loading(mode: str, rows_per_worker: int, image_shape, limit_mib: int) -> tuple[str, str]:
@@ -123,45 +123,6 @@ def plan_data_loading(fc, n_train: int, n_stream: int, n_real: int, workers: int
                               f"{counts[0]} per worker for {workers} worker(s); use final.data_loading=memory")
         return "memory", f"auto: the stream would hold fewer than one batch per worker ({n_stream} rows)", None
     return "stream", why, StreamSpec(n_stream, (int(counts[0]), int(counts[1])), fc.shuffle_buffer)
-
-
-class KeepRows:
-    """Ray Data batch filter (pyarrow): rows of the prunable ``sources`` (all sources if
-    None), without the ``exclude`` ids (the validation set)."""
-
-    def __init__(self, sources: list[str] | None, exclude: np.ndarray) -> None:
-        self.sources, self.exclude = sources, np.asarray(exclude, np.int64)
-
-    def __call__(self, table):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        keep = pc.invert(pc.is_in(table["id"], value_set=pa.array(self.exclude, pa.int64())))
-        if self.sources is not None:
-            keep = pc.and_(keep, pc.is_in(table["source"], value_set=pa.array(self.sources, pa.string())))
-        return table.filter(keep)
-
-
-def stream_dataset(files: list[str], sources: list[str] | None, exclude: np.ndarray, seed: int):
-    """The streamed rows as a Ray Data dataset; file order reshuffled on every pass (seeded)."""
-    import ray.data
-    from ray.data import FileShuffleConfig
-
-    from rayprune import storage
-
-    return (ray.data.read_parquet(**storage.ray_parquet_source(files), columns=["id", "image", "label", "source"],
-                                  shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-            .map_batches(KeepRows(sources, exclude), batch_format="pyarrow", batch_size=None))
-
-
-def stream_passes(shard, batch_size: int, image_shape, shuffle_buffer: int, seed: int, pass_index: int):
-    """One pass over this worker's shard of the stream: decoded ``(images, labels)`` batches."""
-    buffer = max(shuffle_buffer, batch_size) if shuffle_buffer else None
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                                    local_shuffle_buffer_size=buffer,
-                                    local_shuffle_seed=(seed * 1_000_003 + pass_index) % 2**32 if buffer else None):
-        yield (decode_images(batch["image"], image_shape, ids=batch["id"], origin="the training stream"),
-               batch["label"].to_numpy())
 
 
 def split_train_val(ids: np.ndarray, sources: np.ndarray, prunable_sources, val_size: int):
