@@ -62,10 +62,10 @@ def run(preset: str, workdir: Path) -> BenchResult:
                         n, row["seconds"], row["rows_per_s"], row["driver_peak_mib"], row["workers_peak_total_mib"])
     small, mid, big = result.rows[0], result.rows[-2], result.rows[-1]
     result.comparisons += [
-        Comparison(f"throughput at {big['rows']:,} vs {mid['rows']:,} rows", f"{mid['rows']:,} rows",
+        Comparison("throughput by pool size", f"{mid['rows']:,} rows",
                    f"{big['rows']:,} rows", "rows/s", mid["rows_per_s"], big["rows_per_s"], target=0.9,
                    note="linear time = flat rows/s (start-up makes small pools slower per row)"),
-        Comparison(f"driver peak memory, {big['rows']:,} vs {small['rows']:,} rows", f"{small['rows']:,} rows",
+        Comparison("driver peak memory by pool size", f"{small['rows']:,} rows",
                    f"{big['rows']:,} rows", "MiB", small["driver_peak_mib"], big["driver_peak_mib"],
                    higher_is_better=False, target=0.8,
                    note=f"pool on disk grows {big['pool_mib'] / max(small['pool_mib'], 1e-9):.0f}x"),
