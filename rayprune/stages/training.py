@@ -174,7 +174,7 @@ def _scatter_rows(source, ids: np.ndarray, image_shape, on_images, batch_rows: i
                 continue
             offset = 0
             for batch in group.to_batches(columns=["id", "image", "label", "source"], batch_size=batch_rows,
-                                          batch_readahead=1, fragment_readahead=1):
+                                          batch_readahead=4, fragment_readahead=1):
                 rows = np.flatnonzero(wanted[offset:offset + batch.num_rows])
                 offset += batch.num_rows
                 if not len(rows):
