@@ -75,22 +75,29 @@ def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -
 
 
 def _scheduling_steps_of_one_driver_pass(pruned_pool) -> dict:
-    """One pass of the training stream read in this process, with the times (monotonic) at
-    which Ray Data's scheduling loop stepped, recorded by wrapping the stream's pacer."""
+    """One pass of the training stream read slowly in this process, with the time
+    (monotonic) each step of Ray Data's scheduling loop went on at and whether the
+    consumer had blocks waiting, recorded by wrapping the stream's pacer."""
+    import time
+
     from rayprune.stages import stream
 
     info = read_pool_info(pruned_pool)
-    steps: list[float] = []
+    steps: list[tuple[float, bool]] = []
     pace = stream.PacedSchedulingLoop.on_execution_step
 
     def recorded(self, executor):
+        served = not executor._consumer_idling()
         pace(self, executor)
-        steps.append(self._last)
+        steps.append((self._last, served))
 
     stream.PacedSchedulingLoop.on_execution_step = recorded
+    rows = 0
     try:
         dataset = stream.stream_dataset(pool_files(pruned_pool, info), None, np.empty(0, np.int64), seed=0)
-        rows = sum(len(batch["id"]) for batch in dataset.iter_batches(batch_size=64, batch_format="pyarrow"))
+        for batch in dataset.iter_batches(batch_size=32, batch_format="pyarrow"):
+            rows += len(batch["id"])
+            time.sleep(0.02)  # a slow consumer, so blocks wait for it
     finally:
         stream.PacedSchedulingLoop.on_execution_step = pace
     return {"steps": steps, "rows": rows, "pool_rows": info.num_rows}
@@ -239,14 +246,18 @@ def test_a_rerun_with_other_options_is_refused_then_archives_exactly_the_stale_s
 
 
 def test_ray_data_paces_the_training_streams_scheduling_loop(job):
-    """The pacer is a Ray Data execution callback: Ray must call it on every step of the
-    stream's loop, and the steps it paced must start at least an interval apart."""
+    """The pacer is a Ray Data execution callback: Ray must call it on the stream's loop,
+    and a step taken while the consumer has blocks waiting starts at least an interval
+    after the one before it."""
     from rayprune.stages.stream import MIN_STEP_INTERVAL_S
 
     paced = job["paced"]
     assert paced["rows"] == paced["pool_rows"]  # nothing excluded: every row of the pruned pool
-    assert len(paced["steps"]) >= 2
-    assert np.diff(paced["steps"]).min() >= MIN_STEP_INTERVAL_S - 1e-3  # sleep never ends early; clock rounding
+    times = np.array([t for t, _ in paced["steps"]])
+    served = np.array([s for _, s in paced["steps"]])
+    assert len(times) >= 2 and served[1:].any()
+    gaps = np.diff(times)[served[1:]]  # a step taken while the consumer had blocks waiting
+    assert gaps.min() >= MIN_STEP_INTERVAL_S - 1e-3  # sleep never ends early; clock rounding
 
 
 def test_one_pass_of_the_training_stream_reads_each_streamed_row_at_most_once(job):
