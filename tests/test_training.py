@@ -150,3 +150,6 @@ def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
     want_few = np.stack([np.frombuffer(r["image"], np.uint8).reshape(8, 8, 3) for r in rows])
     np.testing.assert_array_equal(got[1], want_few)
     np.testing.assert_array_equal(got[2], [r["label"] for r in rows])
+    every = load_rows(regrouped, np.arange(200)[::-1], (8, 8, 3), batch_rows=5)  # whole batches wanted
+    np.testing.assert_array_equal(every[1][::-1], np.stack(
+        [np.frombuffer(b, np.uint8).reshape(8, 8, 3) for b in table.column("image").to_pylist()]))

@@ -179,7 +179,8 @@ def _scatter_rows(source, ids: np.ndarray, image_shape, on_images, batch_rows: i
                 offset += batch.num_rows
                 if not len(rows):
                     continue
-                batch = batch.take(pa.array(rows))
+                if len(rows) < batch.num_rows:  # a whole shard wants every row: no copy
+                    batch = batch.take(pa.array(rows))
                 got = batch["id"].to_numpy()
                 dest = sorter[np.searchsorted(sorted_ids, got)]
                 if seen[dest].any() or len(np.unique(dest)) < len(dest):
