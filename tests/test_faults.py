@@ -1,9 +1,9 @@
 """Faults during a run: killed training workers and actors, unreachable MLflow, determinism.
 
-One local Ray for the module and one clean reference run. Every faulty run must end with
-the reference's subset, scores and kept ids; since each is a separate run of the same
-config, that is also the determinism check (no separate clean rerun: it would cost a
-whole pipeline and prove nothing the fault runs do not).
+One local Ray for the module, one clean reference run and one run with a fault in every
+stage, which must end with the reference's subset, scores and kept ids. Being a separate
+run of the same config, it is also the determinism check (no separate clean rerun: it
+would cost a whole pipeline and prove nothing the fault run does not).
 """
 
 import json
@@ -121,38 +121,30 @@ def run_job_with_killers(out: Path, killers: list[Killer], **overrides):
             killer.join()
 
 
-def test_training_worker_killed_mid_run_resumes_without_lost_or_repeated_epochs(reference, tmp_path):
+FINAL_EPOCHS = 5
+
+
+def test_a_fault_in_every_stage_leaves_the_results_of_the_clean_run(reference, tmp_path, caplog):
+    """Four faults in one run (each fault run is a whole pipeline, so they share one):
+
+    - a worker of the scoring run dies after its second epoch's records;
+    - an embedding actor dies while the pool's scores stream;
+    - the job tracks to an MLflow server that is not there;
+    - a worker of the final training, which streams its rows from Ray Data, dies after
+      its first checkpoint.
+
+    The job must write every output, say once, clearly, that tracking failed, and end
+    with the reference's subset, scores and kept ids. Both training runs resume from
+    their checkpoints: every epoch exactly once, the final step budget spent, and the
+    scoring run's histories (so its scores) those of the run that was never interrupted."""
     out = tmp_path / "out"
     records = out / "score_subset" / "records"
+    partial = out / "extrapolate" / ".scores.partial"
+    final_checkpoints = out / "final_train" / "train"
 
     def after_second_epoch():
         done = sorted(p.name for p in records.glob("epoch_*.parquet")) if records.exists() else []
         return done if len(done) >= 2 else None
-
-    killer = Killer(after_second_epoch, "RayTrainWorker")
-    run_job_with_killers(out, [killer])
-    assert killer.killed, "the training worker was never killed: the test proved nothing"
-    assert len(killer.state_at_kill) < EPOCHS, f"killed only after the last epoch: {killer.state_at_kill}"
-    names = sorted(p.name for p in records.glob("epoch_*.parquet"))
-    assert names == [f"epoch_{e:04d}-rank_000.parquet" for e in range(EPOCHS)]
-    # Resumed from the checkpoint, with the batch stream replayed: the histories, and so
-    # the scores and the kept set, are those of the run that was never interrupted.
-    assert_same_results(outputs(out), reference)
-
-
-FINAL_EPOCHS = 5
-
-
-def test_faults_while_streaming_scores_and_streamed_training_with_mlflow_unreachable(reference, tmp_path, caplog):
-    """Three faults in one run: an embedding actor dies while the scores stream, the job
-    tracks to an MLflow server that is not there, and a worker of the final training,
-    which streams its rows from Ray Data, dies after its first checkpoint. The job must
-    write every output, say once, clearly, that tracking failed, end with the
-    reference's scores and kept ids, and resume the final training from its checkpoint
-    (every epoch exactly once, the explicit step budget spent)."""
-    out = tmp_path / "out"
-    partial = out / "extrapolate" / ".scores.partial"
-    final_checkpoints = out / "final_train" / "train"
 
     def streaming():
         return partial.exists() and list(partial.glob("*.parquet")) or None
@@ -162,14 +154,21 @@ def test_faults_while_streaming_scores_and_streamed_training_with_mlflow_unreach
 
     uri = f"http://127.0.0.1:{free_port()}"
     caplog.set_level(logging.WARNING, logger="rayprune.tracking")
+    scorer = Killer(after_second_epoch, "RayTrainWorker")
     embedder, trainer = Killer(streaming, "Embedder"), Killer(final_checkpointed, "RayTrainWorker")
-    summary = run_job_with_killers(out, [embedder, trainer], **{
+    summary = run_job_with_killers(out, [scorer, embedder, trainer], **{
         "tracking.enabled": "true", "tracking.uri": uri, "final.enabled": "true", "final.data_loading": "stream",
         "final.train.epochs": FINAL_EPOCHS, "final.train.steps_per_epoch": 12, "final.train.batch_size": 64,
         "final.shuffle_buffer": 256})
-    assert embedder.killed, "no embedding actor was killed: the test proved nothing"
-    assert trainer.killed, "no final training worker was killed: the test proved nothing"
-    assert len(trainer.state_at_kill) < FINAL_EPOCHS, f"killed only after the last epoch: {trainer.state_at_kill}"
+    for killer, what in ((scorer, "scoring worker"), (embedder, "embedding actor"), (trainer, "final worker")):
+        assert killer.killed, f"no {what} was killed: the test proved nothing"
+    assert scorer.killed != trainer.killed
+    assert len(scorer.state_at_kill) < EPOCHS, f"killed after the last scoring epoch: {scorer.state_at_kill}"
+    assert len(trainer.state_at_kill) < FINAL_EPOCHS, f"killed after the last final epoch: {trainer.state_at_kill}"
+    # The scoring run resumed from its checkpoint, with the batch stream replayed: every
+    # epoch's records once, and the histories, scores and kept set of the clean run.
+    names = sorted(p.name for p in records.glob("epoch_*.parquet"))
+    assert names == [f"epoch_{e:04d}-rank_000.parquet" for e in range(EPOCHS)]
     assert_same_results(outputs(out), reference)  # includes: every pool id exactly once
     assert len(reference["ids"]) == 4000 and np.array_equal(reference["ids"], np.arange(4000))
     assert (out / "manifest.json").exists() and summary.registered_version is None
