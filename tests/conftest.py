@@ -1,11 +1,13 @@
 """Shared test settings and helpers: Ray without token auth on loopback, the tiny job config,
 the blob data and small CNNs of the attack tests, and the checks of one-line errors."""
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -111,19 +113,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback; yields (tracking URI, artifact directory)."""
+@contextlib.contextmanager
+def running_mlflow_server(directory: Path):
+    """A real `mlflow server` on loopback with its stores in ``directory``; yields (tracking
+    URI, artifact directory) and stops the server's whole process group on exit."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "mlflow-server.log"
+    log_path = directory / "mlflow-server.log"
     log = log_path.open("wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "art")],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'srv.db'}",
+         "--artifacts-destination", str(directory / "art")],
+        cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -137,7 +140,7 @@ def mlflow_server(tmp_path):
                 pass
             assert time.monotonic() < deadline, "mlflow server did not answer /health within 60 s"
             time.sleep(0.3)
-        yield uri, tmp_path / "art"
+        yield uri, directory / "art"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -151,6 +154,61 @@ def mlflow_server(tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback for one test; yields (tracking URI, artifact directory)."""
+    with running_mlflow_server(tmp_path) as server:
+        yield server
+
+
+def forget_current_cluster(gcs_port: int) -> None:
+    """Remove the note `ray start` leaves for later ``ray.init()`` calls (the address of "the"
+    cluster on this machine), but only if it still names the head the caller started and stopped."""
+    note = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if note.read_text().strip().endswith(f":{gcs_port}"):
+            note.unlink()
+    except FileNotFoundError:
+        pass
+
+
+@contextlib.contextmanager
+def ray_head(directory: Path, num_cpus: int = 2, object_store_mib: int = 300):
+    """A Ray head started with `ray start`, as a user starts one for `ray job submit`; yields
+    (dashboard URL, GCS address) and stops exactly its processes on exit.
+
+    It runs in a session of its own, so its processes share one process group that is
+    killed on exit (``ray stop`` would stop every Ray on the machine). ``ray start``
+    returns once the head, its dashboard and its job agent are up."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    dashboard, gcs_port = free_port(), free_port()
+    start = [
+        ray_cli, "start", "--head", f"--port={gcs_port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
+        f"--object-store-memory={object_store_mib * 2**20}", "--disable-usage-stats",
+        # Its own agent port: the default (52365) belongs to any other Ray on the machine, and an
+        # agent that cannot bind it leaves the head with "No available agent to submit job".
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
+    head_log = directory / "ray-start.log"
+    with head_log.open("wb") as log:  # a file, not a pipe: the head's daemons may keep inherited pipes open
+        head = subprocess.Popen(start, env=with_venv_path(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        assert head.wait(timeout=180) == 0, head_log.read_text()[-3000:]
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs_port}"
+    finally:
+        kill_process_group(head.pid)
+        forget_current_cluster(gcs_port)
+
+
+def with_venv_path() -> dict[str, str]:
+    """This environment with the test interpreter's bin directory first on PATH (so `ray`,
+    `mlflow` and `python` are the venv's, in the processes Ray starts too)."""
+    bin_dir = Path(sys.executable).parent
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 #: The type of ``blob_sampler``: ``sample(n, seed) -> (images, labels)``.

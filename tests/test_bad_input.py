@@ -7,7 +7,6 @@ converters' own bad-input cases (npz, CIFAR-10, folders) are in test_converters.
 """
 
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -517,14 +516,28 @@ def _broken_page(part: Path) -> str:
     return f"{part}, row group 2 (rows 100-149): column 'image' cannot be decoded"
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the jobs below: the CLI joins the Ray this process runs, so each
+    case pays its split stage, not a process start and a Ray start. (The CLI as a process
+    of its own: test_cli_bad_pool_one_line_exit_2_nothing_written_no_mlflow; a job starting
+    its own local Ray: test_resume.)"""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_short_image, _broken_page], ids=["short-image", "broken-page"])
-def test_bad_data_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path, damage):
+def test_bad_data_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path, damage, local_ray, capsys):
     """Data the preflight's sample misses fails inside Ray Data; the CLI still prints one
     line naming the id (a wrong image size) or the file, row group and column (a page
     that does not decode), exits 2, and commits no stage or model."""
     from conftest import tiny_job_flags
 
+    from rayprune.cli import main
     from rayprune.data.demo_pool import DemoPoolSpec, generate_rows
 
     spec = DemoPoolSpec(n_real=150, n_synthetic=450, image_size=8, num_classes=3)
@@ -533,16 +546,13 @@ def test_bad_data_deep_in_a_file_stops_the_job_in_the_split_stage(tmp_path, dama
     with PoolWriter(pool, image_shape=(8, 8, 3), num_classes=3, rows_per_file=200) as writer:
         writer.add(demo.ids, demo.images, demo.labels, demo.sources)
     expected = damage(pool / "part-00001.parquet")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "prune.py"), *tiny_job_flags(), "--pool.path", str(pool),
-         "--output-dir", str(out), "--tracking.enabled", "true", "--tracking.uri", f"sqlite:///{db}",
-         "--log-level", "WARNING"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    assert result.returncode == 2, result.stderr[-4000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rayprune: error: ")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-4000:]
+    with pytest.raises(SystemExit) as exit_:
+        main([*tiny_job_flags(), "--pool.path", str(pool), "--output-dir", str(out), "--tracking.enabled", "true",
+              "--tracking.uri", f"sqlite:///{db}", "--log-level", "WARNING"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-4000:]
+    errors = [line for line in err.splitlines() if line.startswith("rayprune: error: ")]
+    assert len(errors) == 1 and expected in errors[0], err[-4000:]
     assert not list(out.glob("*/_COMMITTED.json")) and not (out / "manifest.json").exists()
     assert not (out / "split").exists()  # the failed stage left nothing a rerun could take for progress
     with sqlite3.connect(db) as conn:

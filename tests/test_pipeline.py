@@ -1,6 +1,9 @@
 """The Ray pipeline end to end on a local Ray instance: check its outputs, not just the run."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -8,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import TINY_JOB
+from conftest import TINY_JOB, ray_head, running_mlflow_server, with_venv_path
 
 from rayprune.choices import AUTOATTACK
 from rayprune.config import load_config
@@ -21,29 +24,55 @@ from rayprune.stages.training import model_from_config
 pytestmark = pytest.mark.slow
 
 
+ROOT = Path(__file__).resolve().parents[1]
+#: What `ray job submit --working-dir` leaves out of the upload.
+UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db"]
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "out"
-    uri = f"sqlite:///{out.parent / 'mlflow.db'}"
-    config = load_config(None, {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "tracking.uri": uri,
-                                "final.compare_random": "true", "final.data_loading": "stream",
-                                "final.shuffle_buffer": 64, "publish_uri": str(out.parent / "published")})
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, dashboard_host="127.0.0.1")
+    """The tiny job run as a user runs it on a cluster: `ray job submit -- python
+    jobs/prune.py` on a head started with `ray start`, tracking to an MLflow server that
+    MLFLOW_TRACKING_URI names in the runtime env. Then this process joins the same head,
+    reruns the job in-process (every stage committed: nothing may be redone; its summary
+    is the one the tests read) and runs the pieces some tests look into. One pipeline
+    serves the cluster path and the output checks: each costs minutes on 2 cores."""
+    base = tmp_path_factory.mktemp("pipeline")
+    out = base / "out"
+    options = {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "final.compare_random": "true",
+               "final.data_loading": "stream", "final.shuffle_buffer": 64, "publish_uri": str(base / "published")}
+    with running_mlflow_server(base) as (uri, _):  # for the whole module: the tests read the tracked runs
+        with ray_head(base) as (dashboard, gcs_address):
+            job = _submit_and_rerun(base, out, options, uri, dashboard, gcs_address)
+        yield job
+
+
+def _submit_and_rerun(base, out, options: dict, uri: str, dashboard: str, gcs_address: str) -> dict:
+    """The fixture's work on a live head and MLflow server; returns what the tests read."""
+    runtime_env = json.dumps({"excludes": UPLOAD_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": uri}})
+    flags = [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
+    submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
+              "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--",
+              "python", "jobs/prune.py", *flags]
+    submitted = subprocess.run(submit, env=with_venv_path(), capture_output=True, text=True, timeout=900)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    config = load_config(None, {**options, "tracking.uri": uri})
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
+    submitted_manifest = json.loads((out / "manifest.json").read_text())
+    ray.init(address=gcs_address)
     try:
         summary = run_pipeline(config)
-        marks = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
-        rerun = run_pipeline(config)
         marks_after = {p: p.stat().st_mtime_ns for p in out.glob("*/_COMMITTED.json")}
-        sharded = _evaluate_on_three_actors(config, summary.outputs["final_model"], out.parent / "sharded")
+        sharded = _evaluate_on_three_actors(config, summary.outputs["final_model"], base / "sharded")
         one_pass = _one_stream_pass_per_worker(config, summary.outputs["pruned_pool"], workers=2, batch=16)
         paced = _scheduling_steps_of_one_driver_pass(summary.outputs["pruned_pool"])
     finally:
         ray.shutdown()
     pool = pads.dataset(pool_files(summary.outputs["pool"]), format="parquet").to_table().sort_by("id")
     scores = pads.dataset(summary.outputs["scores"], format="parquet").to_table().sort_by("id").to_pandas()
-    return {"config": config, "summary": summary, "rerun": rerun, "marks": (marks, marks_after), "out": out,
-            "pool": pool, "scores": scores, "uri": uri, "sharded": sharded, "one_pass": one_pass,
-            "paced": paced}
+    return {"config": config, "summary": summary, "submitted": submitted, "submitted_manifest": submitted_manifest,
+            "marks": (marks, marks_after), "out": out, "pool": pool, "scores": scores, "uri": uri,
+            "sharded": sharded, "one_pass": one_pass, "paced": paced}
 
 
 def _one_stream_pass_per_worker(config, pruned_pool, workers: int, batch: int) -> dict:
@@ -201,8 +230,11 @@ def test_learned_scores_match_an_in_process_recomputation(job):
 def test_rerun_skips_finished_stages_and_manifest(job):
     marks, marks_after = job["marks"]
     assert len(marks) == 11 and marks == marks_after  # no stage recommitted
-    assert job["rerun"].kept == job["summary"].kept
     manifest = json.loads((job["out"] / "manifest.json").read_text())
+    def decided(summary: dict) -> dict:  # all but the stages' wall times
+        return {key: value for key, value in summary.items() if key != "stage_seconds"}
+
+    assert decided(manifest["summary"]) == decided(job["submitted_manifest"]["summary"])  # the rerun's is the job's
     assert manifest["config"]["train"]["epochs"] == 4
     assert set(manifest["stages"]) == {"pool", "split", "score_subset", "extrapolate", "select", "final_train",
                                        "test_pool", "evaluate", "random_baseline", "final_train_random",
@@ -459,3 +491,18 @@ def test_an_evaluation_sharded_over_three_actors_equals_one_process_evaluating_i
     assert len(table) == 120 and config.evaluation.batch_size == 32  # 4 batches over 3 actors
     for name, column in want.items():
         np.testing.assert_array_equal(got[name].to_numpy(), column, err_msg=name)
+
+
+def test_the_job_ran_under_ray_job_submit_and_tracked_to_the_server_its_runtime_env_named(job):
+    from mlflow.tracking import MlflowClient
+
+    submitted = job["submitted"]
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    assert "rayprune summary" in submitted.stdout
+    summary = job["submitted_manifest"]["summary"]
+    assert summary["pool_size"] == 600 and summary["scored"] == 90
+    client = MlflowClient(job["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("rayprune").experiment_id])
+    first = min((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert first.info.status == "FINISHED" and first.data.params["output_dir"] == str(job["out"])
+    assert client.get_registered_model("rayprune-robust").aliases["champion"] in (1, "1")
