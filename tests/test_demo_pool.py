@@ -87,3 +87,26 @@ def test_test_split_is_clean_disjoint_and_from_the_same_classes(rows):
     xt = test.images.reshape(len(test.ids), -1).astype(float)
     pred = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (pred == test.labels).mean() > 0.5
+
+
+def test_distractor_label_noise_flips_to_the_class_mixed_into_the_image(rows):
+    """The same pool with ``distractor`` noise: identical images and flip pattern, and every
+    flipped label is the image's distractor class, never its own."""
+    import dataclasses
+
+    other = generate_rows(dataclasses.replace(SPEC, label_noise_kind="distractor"))
+    np.testing.assert_array_equal(other.images, rows.images)
+    flipped = rows.labels != rows.true_labels
+    np.testing.assert_array_equal(other.labels != other.true_labels, flipped)
+    np.testing.assert_array_equal(other.labels[flipped], other.distractors[flipped])
+    np.testing.assert_array_equal(other.labels[~flipped], rows.labels[~flipped])
+    assert (other.distractors != other.true_labels).all()
+    # Uniform flips spread over the other classes; these all land on the distractor.
+    assert (rows.labels[flipped] != rows.distractors[flipped]).mean() > 0.5
+
+
+def test_label_noise_kind_is_checked():
+    from rayprune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"pool\.demo\.label_noise_kind.*uniform, distractor.*'pair'"):
+        load_config(None, {"pool.demo.label_noise_kind": "pair"})

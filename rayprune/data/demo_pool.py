@@ -8,7 +8,10 @@ adds noise, and is randomly shifted. On top of that:
 * the ``real`` part (rows ``0..n_real-1``) is clean; the larger ``synthetic`` part is
   generated with a small colour cast and more noise, like a generator's images;
 * a fraction of synthetic rows are near-duplicates of an earlier row of the same block;
-* a small fraction of labels are flipped (label noise).
+* a small fraction of labels are flipped (label noise): to any other class (``uniform``),
+  or to the class mixed into the image (``distractor``: the label a class-conditional
+  generator gets wrong on an ambiguous image, and noise that misleads a model, where
+  uniform flips largely cancel out).
 
 Rows are generated in fixed blocks seeded by ``(seed, block)``, so any row range gives
 identical rows however the pool is chunked, and pools of millions of rows can be
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rayprune.bounds import COUNT_MAX, bounded, check_ranges, seed_field
+from rayprune.bounds import COUNT_MAX, bounded, check_ranges, one_of, seed_field
 from rayprune.validation import check_positive_int
 
 BLOCK_ROWS = 1024
@@ -40,6 +43,7 @@ class DemoPoolSpec:
     num_classes: int = bounded(10, ge=2, le=10_000)
     seed: int = seed_field()
     label_noise: float = bounded(0.03, ge=0, lt=1)
+    label_noise_kind: str = one_of("uniform", ("uniform", "distractor"))
     duplicate_fraction: float = bounded(0.1, ge=0, lt=1)
     noise_std: float = bounded(0.08, ge=0, le=1)
 
@@ -62,6 +66,7 @@ class DemoRows:
     labels: np.ndarray  # int64, possibly flipped
     sources: np.ndarray  # object array of "real" / "synthetic"
     true_labels: np.ndarray  # int64, before label noise
+    distractors: np.ndarray  # int64, the other class mixed into each image
     difficulty: np.ndarray  # float32 in [0, 1): mixing weight of the distractor class
     duplicate_of: np.ndarray  # int64 id of the near-duplicate's parent, -1 if none
 
@@ -141,7 +146,9 @@ def _block(spec: DemoPoolSpec, protos: dict, block: int, test: bool = False) -> 
     images[synthetic] = images[synthetic] * 0.92 + np.array([0.06, 0.03, 0.0])  # generator colour cast
     labels = true.copy()
     flip = rng.random(n) < spec.label_noise
-    labels[flip] = (true[flip] + rng.integers(1, c, int(flip.sum()))) % c
+    labels[flip] = (true[flip] + rng.integers(1, c, int(flip.sum()))) % c  # drawn for both kinds: same stream
+    if spec.label_noise_kind == "distractor":
+        labels[flip] = other[flip]
     duplicate_of = np.where(parent_pos >= 0, ids[0] + parent_pos, -1).astype(np.int64)
     return DemoRows(
         ids=ids,
@@ -149,6 +156,7 @@ def _block(spec: DemoPoolSpec, protos: dict, block: int, test: bool = False) -> 
         labels=labels.astype(np.int64),
         sources=np.where(synthetic, SOURCES[1], SOURCES[0]).astype(object),
         true_labels=true.astype(np.int64),
+        distractors=other.astype(np.int64),
         difficulty=difficulty.astype(np.float32),
         duplicate_of=duplicate_of,
     )
