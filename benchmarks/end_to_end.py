@@ -49,15 +49,19 @@ PRESETS = {
     "small": {"pool.demo.n_real": 400, "pool.demo.n_synthetic": 4000, "train.epochs": 15},
     "full": {"pool.demo.n_real": 1000, "pool.demo.n_synthetic": 10000, "train.epochs": 15},
 }
+#: 30% of labels flipped to the class mixed into the image: noise that misleads a model
+#: (uniform flips largely cancel out), so that pruning has something to gain.
+MISLEADING = {"pool.demo.label_noise": 0.3, "pool.demo.label_noise_kind": "distractor", "pool.demo.noise_std": 0.15,
+              "pool.demo.duplicate_fraction": 0.3}
 #: Kinds of generated pools, as overrides of the preset (the first is also timed and paid off).
 KINDS = {
     "ci": {"default": {}},
     "small": {"default": {}, "noisy": {"pool.demo.label_noise": 0.15, "pool.demo.noise_std": 0.15,
                                        "pool.demo.duplicate_fraction": 0.3},
-              "4 classes": {"pool.demo.num_classes": 4}},
+              "4 classes": {"pool.demo.num_classes": 4}, "misleading labels": MISLEADING},
     "full": {"default": {}, "noisy": {"pool.demo.label_noise": 0.15, "pool.demo.noise_std": 0.15,
                                       "pool.demo.duplicate_fraction": 0.3},
-             "4 classes": {"pool.demo.num_classes": 4}},
+             "4 classes": {"pool.demo.num_classes": 4}, "misleading labels": MISLEADING},
 }
 #: The final training and evaluation of the payoff runs; seeds vary the final training. The
 #: budget is explicit: the default (one pass over the real part per epoch) would be two steps
@@ -219,9 +223,24 @@ def payoff(preset: str, runs: dict, tables: dict, workdir: Path) -> list[dict]:
             metrics = run_evaluate(config, test, final.model_file, {"final_train": final.digest}, root, plan).metrics
             rows.append({"score": name, "seed": seed, "kept": int(len(kept)), "worst": metrics["worst"],
                          "clean": metrics["clean"], "training_steps": final.training_steps,
-                         "seconds": time.perf_counter() - start})
-            logger.info("payoff: %s seed %d: worst-case robust accuracy %.3f", name, seed, metrics["worst"])
+                         "seconds": time.perf_counter() - start, **kept_truth(base, kept)})
+            logger.info("payoff: %s seed %d: worst-case robust accuracy %.3f, %s", name, seed, metrics["worst"],
+                        {k: v for k, v in rows[-1].items() if k.startswith("kept_")})
     return rows
+
+
+def kept_truth(config: JobConfig, kept) -> dict:
+    """What a kept set holds of the demo pool's hidden truth, over its synthetic rows: the
+    share with flipped labels, the share of near-duplicates, the mean difficulty."""
+    if config.pool.path:
+        return {}
+    from rayprune.data.demo_pool import generate_rows
+
+    truth = generate_rows(config.pool.demo)
+    synthetic = np.isin(truth.ids, np.asarray(kept)) & (truth.sources == "synthetic")
+    return {"kept_flipped": float((truth.labels != truth.true_labels)[synthetic].mean()),
+            "kept_duplicates": float((truth.duplicate_of >= 0)[synthetic].mean()),
+            "kept_difficulty": float(truth.difficulty[synthetic].mean())}
 
 
 def _flat(config: JobConfig) -> dict:
@@ -331,6 +350,12 @@ def payoff_result(preset: str, rows: list[dict]) -> BenchResult:
                                                f"{gain['measured']:+.4f}; met means >= 90% of the measured gain"))
     res.notes.append("gains over random (mean over seeds): " + ", ".join(f"{k} {v:+.4f}" for k, v in gain.items())
                      + "; random seeds " + ", ".join(f"{v:.3f}" for v in spread["random"]))
+    if "kept_flipped" in rows[0]:
+        truth = {name: {key: statistics.fmean(r[key] for r in rows if r["score"] == name)
+                        for key in ("kept_flipped", "kept_duplicates", "kept_difficulty")} for name in mean}
+        res.notes.append("kept synthetic rows (mean over seeds), mislabelled / near-duplicates / mean difficulty: "
+                         + "; ".join(f"{name} {t['kept_flipped']:.1%} / {t['kept_duplicates']:.1%} / "
+                                     f"{t['kept_difficulty']:.3f}" for name, t in truth.items()))
     if gain["measured"] <= 0:
         res.notes.append("the measured full-pool scores did not beat random pruning here, so the share of their "
                          "gain kept by extrapolation cannot be measured at this size")
