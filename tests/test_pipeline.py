@@ -1,4 +1,4 @@
-"""The Ray pipeline end to end on a local Ray instance: check its outputs, not just the run."""
+"""The Ray pipeline end to end, submitted to a Ray head with `ray job submit`: check its outputs, not just the run."""
 
 import json
 import subprocess
@@ -231,6 +231,7 @@ def test_rerun_skips_finished_stages_and_manifest(job):
     marks, marks_after = job["marks"]
     assert len(marks) == 11 and marks == marks_after  # no stage recommitted
     manifest = json.loads((job["out"] / "manifest.json").read_text())
+
     def decided(summary: dict) -> dict:  # all but the stages' wall times
         return {key: value for key, value in summary.items() if key != "stage_seconds"}
 
