@@ -1,5 +1,6 @@
 """Shared test settings and helpers: Ray without token auth on loopback, the tiny job config,
-the blob data and small CNNs of the attack tests, and the checks of one-line errors."""
+a Ray head and an MLflow server as users start them, the blob data and small CNNs of the
+attack tests, and the checks of one-line errors."""
 
 import contextlib
 import os
