@@ -200,6 +200,7 @@ def payoff(preset: str, runs: dict, tables: dict, workdir: Path) -> list[dict]:
     pool = open_pool(runs["summaries"]["subset"].outputs["pool"])
     ids, sources = read_ids_and_sources(pool.files)
     labels = pads.dataset(pool.files, format="parquet").to_table(columns=["id", "label"]).sort_by("id")["label"]
+    truth = demo_truth(base)
     rows = []
     for seed in spec["seeds"]:
         for name in ("learned", "knn", "measured", "random"):
@@ -223,20 +224,27 @@ def payoff(preset: str, runs: dict, tables: dict, workdir: Path) -> list[dict]:
             metrics = run_evaluate(config, test, final.model_file, {"final_train": final.digest}, root, plan).metrics
             rows.append({"score": name, "seed": seed, "kept": int(len(kept)), "worst": metrics["worst"],
                          "clean": metrics["clean"], "training_steps": final.training_steps,
-                         "seconds": time.perf_counter() - start, **kept_truth(base, kept)})
+                         "seconds": time.perf_counter() - start, **kept_truth(truth, kept)})
             logger.info("payoff: %s seed %d: worst-case robust accuracy %.3f, %s", name, seed, metrics["worst"],
                         {k: v for k, v in rows[-1].items() if k.startswith("kept_")})
     return rows
 
 
-def kept_truth(config: JobConfig, kept) -> dict:
-    """What a kept set holds of the demo pool's hidden truth, over its synthetic rows: the
-    share with flipped labels, the share of near-duplicates, the mean difficulty."""
+def demo_truth(config: JobConfig):
+    """The demo pool's rows with their hidden truth, or None for a pool read from files."""
     if config.pool.path:
-        return {}
+        return None
     from rayprune.data.demo_pool import generate_rows
 
-    truth = generate_rows(config.pool.demo)
+    return generate_rows(config.pool.demo)
+
+
+def kept_truth(truth, kept) -> dict:
+    """What a kept set holds of the demo pool's hidden truth (:func:`demo_truth`), over its
+    synthetic rows: the share with flipped labels, the share of near-duplicates, the mean
+    difficulty. Nothing for a pool without one."""
+    if truth is None:
+        return {}
     synthetic = np.isin(truth.ids, np.asarray(kept)) & (truth.sources == "synthetic")
     return {"kept_flipped": float((truth.labels != truth.true_labels)[synthetic].mean()),
             "kept_duplicates": float((truth.duplicate_of >= 0)[synthetic].mean()),

@@ -195,7 +195,7 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
 
 
 def test_kept_truth_counts_the_demo_pools_hidden_truth_over_kept_synthetic_rows():
-    from benchmarks.end_to_end import kept_truth
+    from benchmarks.end_to_end import demo_truth, kept_truth
     from rayprune.config import load_config
     from rayprune.data.demo_pool import generate_rows
 
@@ -203,12 +203,14 @@ def test_kept_truth_counts_the_demo_pools_hidden_truth_over_kept_synthetic_rows(
                                 "pool.demo.duplicate_fraction": 0.3})
     rows = generate_rows(config.pool.demo)
     dups = [int(i) for i in rows.ids if rows.duplicate_of[i] >= 0]
-    real_and_dups = kept_truth(config, [*range(50), *dups])  # real rows are not counted
+    truth = demo_truth(config)
+    real_and_dups = kept_truth(truth, [*range(50), *dups])  # real rows are not counted
     assert real_and_dups["kept_duplicates"] == 1.0
     flipped = [i for i in range(50, 500) if rows.labels[i] != rows.true_labels[i]]
-    assert kept_truth(config, flipped)["kept_flipped"] == 1.0
+    assert kept_truth(truth, flipped)["kept_flipped"] == 1.0
     half = list(range(50, 500, 2))
-    truth = kept_truth(config, half)
-    assert truth["kept_flipped"] == pytest.approx(sum(rows.labels[i] != rows.true_labels[i] for i in half) / len(half))
-    assert truth["kept_difficulty"] == pytest.approx(np.mean([rows.difficulty[i] for i in half]), rel=1e-6)
-    assert kept_truth(load_config(None, {"pool.path": "/some/pool"}), half) == {}  # no hidden truth in a real pool
+    got = kept_truth(truth, half)
+    assert got["kept_flipped"] == pytest.approx(sum(rows.labels[i] != rows.true_labels[i] for i in half) / len(half))
+    assert got["kept_difficulty"] == pytest.approx(np.mean([rows.difficulty[i] for i in half]), rel=1e-6)
+    assert demo_truth(load_config(None, {"pool.path": "/some/pool"})) is None  # no hidden truth in a real pool
+    assert kept_truth(None, half) == {}
