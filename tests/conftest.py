@@ -60,9 +60,14 @@ TINY_JOB = {
 }
 
 
+def job_flags(options: dict) -> list[str]:
+    """Job options (dotted names) as command-line flags."""
+    return [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
+
+
 def tiny_job_flags() -> list[str]:
     """TINY_JOB as command-line flags."""
-    return [arg for key, value in TINY_JOB.items() for arg in (f"--{key}", str(value))]
+    return job_flags(TINY_JOB)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB, tree_snapshot
+from conftest import TINY_JOB, tiny_job_flags, tree_snapshot
 
 from rayprune import cli, rundir
 from rayprune.config import ConfigError, flat_options, load_config
@@ -137,8 +137,7 @@ def test_a_rerun_with_changed_options_stops_before_any_work_and_names_them(tmp_p
     out = tmp_path / "run"
     fake_committed_run(config(out))
     before = snapshot(out)
-    flags = [arg for k, v in TINY_JOB.items() for arg in (f"--{k}", str(v))]
-    err = run_cli([*flags, "--output-dir", str(out), "--split.seed", "3"], capsys)
+    err = run_cli([*tiny_job_flags(), "--output-dir", str(out), "--split.seed", "3"], capsys)
     assert "committed results of stage split (split.seed: 0 -> 3)" in err
     assert "and of score_subset, extrapolate, select, final_train, evaluate made from them" in err
     assert "--stale_results archive" in err

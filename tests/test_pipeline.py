@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import TINY_JOB, ray_head, running_mlflow_server, with_venv_path
+from conftest import TINY_JOB, job_flags, ray_head, running_mlflow_server, with_venv_path
 
 from rayprune.choices import AUTOATTACK
 from rayprune.config import load_config
@@ -50,10 +50,9 @@ def job(tmp_path_factory):
 def _submit_and_rerun(base, out, options: dict, uri: str, dashboard: str, gcs_address: str) -> dict:
     """The fixture's work on a live head and MLflow server; returns what the tests read."""
     runtime_env = json.dumps({"excludes": UPLOAD_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": uri}})
-    flags = [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
     submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
               "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--",
-              "python", "jobs/prune.py", *flags]
+              "python", "jobs/prune.py", *job_flags(options)]
     submitted = subprocess.run(submit, env=with_venv_path(), capture_output=True, text=True, timeout=900)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     config = load_config(None, {**options, "tracking.uri": uri})

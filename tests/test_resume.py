@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB, kill_process_group
+from conftest import TINY_JOB, job_flags, kill_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ EPOCHS = 12
 
 def job_command(out: Path) -> list[str]:
     options = {**TINY_JOB, "train.epochs": EPOCHS, "final.enabled": "false", "output_dir": str(out)}
-    return [sys.executable, str(ROOT / "jobs" / "prune.py")] + [
-        a for k, v in options.items() for a in (f"--{k}", str(v))]
+    return [sys.executable, str(ROOT / "jobs" / "prune.py"), *job_flags(options)]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
