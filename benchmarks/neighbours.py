@@ -13,8 +13,14 @@ count, it times
   width (efSearch, nprobe) calibrated on a sample of queries until recall@k reaches
   ``MIN_RECALL`` against exact search (``calibrate_search``), the index built once (as the
   extrapolation actors keep it; the build is timed apart), then timed beside exact
-  search. This runs on the clustered data and again on unclustered (isotropic Gaussian)
-  data, where a fixed width loses recall; recall is measured over every query.
+  search; recall is measured over every query. This runs on the clustered data and on
+  three more kinds (``HARD_DATA``): model embeddings (what the job searches: a demo pool
+  embedded by the job's default model, adversarially trained on the reference rows as
+  the scoring run trains on its subset), unclustered (one Gaussian with the decaying
+  spectrum of learned embeddings, as hard for ``ivf`` at 4 probes as the hardest real
+  embeddings we know of) and isotropic (one isotropic Gaussian: no structure at all,
+  the worst case for any approximate search). The recall of ``ivf`` at a fixed 4
+  probes is reported for each, as a measure of how hard it is.
 
 All variants run chunk by chunk in rotating order, so load from other processes on a
 shared machine hits them alike. Exact, faiss flat and naive must find the same
@@ -33,6 +39,8 @@ import numpy as np
 import torch
 
 from benchmarks.report import BenchResult, Comparison
+from rayprune.config import ModelSection
+from rayprune.data.demo_pool import DemoPoolSpec
 from rayprune.scoring import (
     ExtrapolationConfig,
     SearchConfig,
@@ -46,13 +54,14 @@ logger = logging.getLogger(__name__)
 K = ExtrapolationConfig().k  # the job's default k
 # Same references and dims in "small" and "full": only the number of queries differs, so
 # per-query throughputs (and their ratios) carry over; "small" just times fewer queries.
+# ``model_steps``: adversarial-training steps of the model that embeds the demo pool.
 PRESETS = {
     "ci": {"queries": 2_000, "references": 1_000, "dims": 32, "k": K, "clusters": 10, "chunks": 4,
-           "repeats": 1, "naive_seconds": 0.2},
+           "repeats": 1, "naive_seconds": 0.2, "model_steps": 5},
     "small": {"queries": 50_000, "references": 50_000, "dims": 128, "k": K, "clusters": 100, "chunks": 10,
-              "repeats": 2, "naive_seconds": 2.0},
+              "repeats": 2, "naive_seconds": 2.0, "model_steps": 400},
     "full": {"queries": 1_000_000, "references": 50_000, "dims": 128, "k": K, "clusters": 100, "chunks": 50,
-             "repeats": 1, "naive_seconds": 10.0},
+             "repeats": 1, "naive_seconds": 10.0, "model_steps": 400},
 }
 SEED = 0
 CENTRE_SPREAD = 2.0  # std of cluster centres per dim, relative to the within-cluster std of 1
@@ -61,6 +70,14 @@ WARMUP_QUERIES = 256
 TIE_RTOL = 1e-4  # float64 distances of two neighbour sets closer than this count as ties
 MIN_RECALL = 0.95  # the job's default extrapolation.min_recall
 CALIBRATION_QUERIES = 2000  # as the extrapolate stage samples
+FIXED_PROBES = 4  # the fixed ivf width whose recall shows how hard a data set is
+SPECTRUM_DECAY = 0.5  # of the unclustered data's standard deviations over dimensions
+#: The data sets beyond the clustered one on which calibrated approximate search is timed.
+HARD_DATA = {
+    "model embeddings": lambda p: model_embeddings(p),
+    "unclustered": lambda p: spectrum_data(p),
+    "isotropic": lambda p: make_data(p, clustered=False),
+}
 
 
 def clustered_embeddings(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -77,6 +94,66 @@ def make_data(p: dict, clustered: bool = True) -> tuple[np.ndarray, np.ndarray]:
     centres = rng.standard_normal((p["clusters"] if clustered else 1, p["dims"]), dtype=np.float32)
     centres *= CENTRE_SPREAD if clustered else 0.0
     return clustered_embeddings(p["queries"], centres, rng), clustered_embeddings(p["references"], centres, rng)
+
+
+def spectrum_data(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and references from one zero-mean Gaussian whose i-th dimension has standard
+    deviation ``i ** -SPECTRUM_DECAY``: no clusters, but the decaying spectrum of learned
+    embeddings. The decay is chosen so that ``ivf`` at 4 probes finds about half of the
+    true neighbours, as on the hardest real embeddings we know of (0.34-0.49)."""
+    rng = np.random.default_rng(SEED + 11)
+    scale = np.arange(1, p["dims"] + 1, dtype=np.float32) ** -SPECTRUM_DECAY
+    return (rng.standard_normal((p["queries"], p["dims"]), dtype=np.float32) * scale,
+            rng.standard_normal((p["references"], p["dims"]), dtype=np.float32) * scale)
+
+
+def model_embeddings(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and references as the job searches them, from a seeded demo pool (the job's
+    default size, classes and noise) of ``references + queries`` rows.
+
+    The job's default model (``model.*``) is adversarially trained (PGD-AT, the job's
+    default attack and batch) for ``model_steps`` steps on the first ``references`` rows,
+    as the scoring run trains on its subset; every row is then embedded by it
+    (penultimate layer, ``2 x model.width`` dims). The references are the rows it was
+    trained on, the queries the rest: the regime split the job searches across.
+    """
+    from rayprune.config import load_config
+    from rayprune.data.demo_pool import generate_rows
+    from rayprune.robust.at_losses import pgd_at_loss
+    from rayprune.robust.recording import compute_embeddings
+    from rayprune.robust.training import to_float_images
+    from rayprune.stages.training import attack_from_config, model_from_config
+
+    config = load_config(None, {})
+    spec = DemoPoolSpec(n_real=0, n_synthetic=p["references"] + p["queries"], seed=SEED)
+    refs = generate_rows(spec, 0, p["references"])
+    torch.manual_seed(SEED)
+    model = model_from_config(config, spec.num_classes, 3)
+    optimiser = torch.optim.SGD(model.parameters(), lr=config.train.lr, momentum=0.9, weight_decay=5e-4)
+    attack, batch = attack_from_config(config), config.train.batch_size
+    rng, generator = np.random.default_rng(SEED + 5), torch.Generator().manual_seed(SEED)
+    images, labels = to_float_images(refs.images), torch.as_tensor(refs.labels)
+    model.train()
+    for step in range(p["model_steps"]):
+        rows = torch.as_tensor(rng.choice(len(images), min(batch, len(images)), replace=False))
+        for group in optimiser.param_groups:  # cosine decay, so the last steps settle the embedding
+            group["lr"] = config.train.lr * 0.5 * (1 + math.cos(math.pi * step / p["model_steps"]))
+        loss, stats = pgd_at_loss(model, images[rows], labels[rows], attack, generator=generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if (step + 1) % 100 == 0:
+            logger.info("neighbours: model embeddings, training step %d/%d, adversarial accuracy %.2f",
+                        step + 1, p["model_steps"], stats["adv_acc"])
+    references = compute_embeddings(model, images)
+    queries = [compute_embeddings(model, to_float_images(generate_rows(spec, start, count).images))
+               for start, count in _blocks(p["references"], spec.n_rows, 50_000)]
+    return np.ascontiguousarray(np.concatenate(queries)), references
+
+
+def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """(start, count) of consecutive blocks of at most ``size`` rows covering [start, stop)."""
+    return [(s, min(size, stop - s)) for s in range(start, stop, size)]
 
 
 def faiss_flat(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -246,18 +323,30 @@ def measure(p: dict, queries: np.ndarray, references: np.ndarray, naive_n: int) 
     best, rounds, idx = time_interleaved(variants, len(queries), chunks, p["repeats"])
     starts = np.linspace(0, len(queries), chunks + 1).astype(int)[:-1]
     return {"best": best, "rounds": rounds, "idx": idx, "approximate": approximate,
-            "naive_rows": np.concatenate([np.arange(b, b + naive_n) for b in starts])}
+            "naive_rows": np.concatenate([np.arange(b, b + naive_n) for b in starts]),
+            "fixed_width_recall": fixed_width_recall(approximate["ivf"]["index"], queries, k, idx["exact"])}
 
 
-def measure_unclustered(p: dict) -> dict:
-    """Exact against calibrated approx and ivf on isotropic Gaussian embeddings."""
-    queries, references = make_data(p, clustered=False)
+def measure_calibrated(p: dict, queries: np.ndarray, references: np.ndarray) -> dict:
+    """Exact against calibrated approx and ivf on one data set."""
     k = p["k"]
     approximate = calibrated(queries, references, k)
     variants = {"exact": lambda s: knn_search(queries[s], references, k)[1],
                 **{f"{m}_calibrated": calibrated_variant(e, queries, references, k) for m, e in approximate.items()}}
     best, rounds, idx = time_interleaved(variants, len(queries), p["chunks"], p["repeats"])
-    return {"best": best, "rounds": rounds, "idx": idx, "approximate": approximate}
+    return {"best": best, "rounds": rounds, "idx": idx, "approximate": approximate,
+            "fixed_width_recall": fixed_width_recall(approximate["ivf"]["index"], queries, k, idx["exact"])}
+
+
+def fixed_width_recall(ivf_index, queries: np.ndarray, k: int, exact_idx: np.ndarray) -> float:
+    """Recall@k over every query of the ivf index searched at ``FIXED_PROBES`` lists (as
+    the job searched before calibration): how hard the data set is for a fixed width."""
+    calibrated_probes = ivf_index.nprobe
+    set_search_width(ivf_index, SearchConfig(method="ivf", ivf_probes=FIXED_PROBES), k)
+    try:
+        return recall_at_k(ivf_index.search(queries, k)[1], exact_idx)
+    finally:
+        ivf_index.nprobe = calibrated_probes
 
 
 def run(preset: str, workdir: Path) -> BenchResult:
@@ -274,7 +363,10 @@ def run(preset: str, workdir: Path) -> BenchResult:
                 faiss_threads, naive_n)
     m = measure(p, queries, references, naive_n)
     checks = check_results(queries, references, m["idx"], m["naive_rows"])
-    u = measure_unclustered(p)
+    hard = {}
+    for data, make in HARD_DATA.items():
+        logger.info("neighbours: calibrated approximate search on %s data", data)
+        hard[data] = measure_calibrated(p, *make(p))
 
     counts = dict.fromkeys(m["best"], n) | {"naive": len(m["naive_rows"])}
     qps = {name: counts[name] / seconds for name, seconds in m["best"].items()}
@@ -287,7 +379,7 @@ def run(preset: str, workdir: Path) -> BenchResult:
                     "round_seconds": m["rounds"][name], "queries_per_s": qps[name], **extra.get(name, {})}
                    for name, count in counts.items()]
     result.comparisons = comparisons(qps, len(m["naive_rows"]))
-    for data, run_ in (("clustered", m), ("unclustered", u)):
+    for data, run_ in {"clustered": m, **hard}.items():
         rows, comps = calibrated_results(data, run_, n, k)
         result.rows += rows
         result.comparisons += comps
@@ -312,7 +404,10 @@ def calibrated_results(data: str, run_: dict, n: int, k: int) -> tuple[list[dict
         rows.append({"data": data, "variant": name, "queries_timed": n, "best_seconds": run_["best"][name],
                      "round_seconds": run_["rounds"][name], "queries_per_s": qps, f"recall_at_{k}": recall,
                      "calibrated": cal.as_dict(), "index_build_seconds": entry["build_seconds"],
-                     "calibration_seconds": entry["calibration_seconds"]})
+                     "calibration_seconds": entry["calibration_seconds"],
+                     **({"fixed_probes": FIXED_PROBES, f"recall_at_{k}_fixed_probes": run_["fixed_width_recall"]}
+                        if method == "ivf" else {})})
+        fixed = (f"; at a fixed {FIXED_PROBES} probes {run_['fixed_width_recall']:.3f}" if method == "ivf" else "")
         comps += [
             Comparison(f"approximate search at calibrated recall, {data} data", "rayprune exact",
                        f"rayprune {label}", "queries/s", exact_qps, qps, target=5,
@@ -321,7 +416,8 @@ def calibrated_results(data: str, run_: dict, n: int, k: int) -> tuple[list[dict
                             f"({entry['calibration_seconds']:.1f} s) apart"),
             Comparison(f"approximate search quality, {data} data", "required recall", f"rayprune {label}",
                        f"recall@{k}", MIN_RECALL, recall, target=1.0,
-                       note=f"over all {n:,} queries; ratio = recall / {MIN_RECALL}: met means recall >= {MIN_RECALL}"),
+                       note=f"over all {n:,} queries; ratio = recall / {MIN_RECALL}: met means recall >= "
+                            f"{MIN_RECALL}{fixed}"),
         ]
     return rows, comps
 
@@ -369,7 +465,11 @@ def comparisons(qps: dict, n_naive: int) -> list[Comparison]:
 def notes(p: dict, k: int, n_naive: int, torch_threads: int, faiss_threads: int, vs_faiss: dict) -> list[str]:
     """What was measured, in words."""
     data = (f"{p['queries']:,} queries x {p['references']:,} references x {p['dims']} dims (float32), clustered "
-            f"({p['clusters']} Gaussian clusters, seed {SEED}) and unclustered (one isotropic Gaussian), k={k}; "
+            f"({p['clusters']} Gaussian clusters, seed {SEED}), unclustered (one Gaussian, standard deviation of "
+            f"dimension i = i^-{SPECTRUM_DECAY}) and isotropic (one isotropic Gaussian), k={k}; "
+            f"model embeddings: the same counts, {2 * ModelSection().width} dims, from a seeded demo pool "
+            f"({DemoPoolSpec().image_size}px, {DemoPoolSpec().num_classes} classes) and the job's default model "
+            f"adversarially trained {p['model_steps']} steps on the references; "
             f"{torch_threads} torch threads, {faiss_threads} faiss threads")
     timing = (f"every variant timed chunk by chunk ({p['chunks']} chunks, order rotated per chunk, each call "
               f"doing its own set-up except the approximate searches, whose indexes are built and calibrated "

@@ -61,7 +61,11 @@ def neighbours_ci() -> BenchResult:
 def test_neighbours_benchmark_is_well_formed(neighbours_ci):
     res = neighbours_ci
     assert res.benchmark == "neighbours" and res.preset == "ci" and res.seconds > 0
-    assert len(res.comparisons) == 3 + 2 * 2 * 2 and res.notes  # exact x3; (approx, ivf) x (speed, recall) x 2 data
+    from benchmarks.neighbours import HARD_DATA
+
+    data_sets = ["clustered", *HARD_DATA]
+    # exact x3; (approx, ivf) x (speed, recall) per data set
+    assert len(res.comparisons) == 3 + 2 * 2 * len(data_sets) and res.notes
     for c in res.comparisons:
         for value in (c.baseline_value, c.candidate_value, c.ratio):
             assert math.isfinite(value) and value > 0, c
@@ -69,7 +73,7 @@ def test_neighbours_benchmark_is_well_formed(neighbours_ci):
     rows = {(row["data"], row["variant"]): row for row in res.rows}
     assert set(rows) == {("clustered", v) for v in ("exact", "faiss_flat", "exact_extrapolation", "naive",
                                                     "approx_calibrated", "ivf_calibrated")} | {
-        ("unclustered", v) for v in ("exact", "approx_calibrated", "ivf_calibrated")}
+        (data, v) for data in HARD_DATA for v in ("exact", "approx_calibrated", "ivf_calibrated")}
     for row in rows.values():
         assert row["queries_timed"] > 0 and row["queries_per_s"] > 0
     clustered = {v: row for (d, v), row in rows.items() if d == "clustered"}
@@ -82,7 +86,30 @@ def test_neighbours_benchmark_is_well_formed(neighbours_ci):
             # Calibrated on a sample, the recall over every query stays near the target.
             assert row[f"recall_at_{res.params['k']}"] >= res.params["min_recall"] - 0.03, (data, variant, row)
             assert row["calibrated"]["recall"] >= res.params["min_recall"]
+        if variant == "ivf_calibrated":
+            # More probes visit a superset of lists, so recall cannot fall as the width grows.
+            k, fixed = res.params["k"], row[f"recall_at_{res.params['k']}_fixed_probes"]
+            width = row["calibrated"]["search_width"]
+            if width is None or width >= row["fixed_probes"]:  # None: exact search, recall 1
+                assert row[f"recall_at_{k}"] >= fixed - 1e-9, (data, row)
+            else:
+                assert fixed >= row[f"recall_at_{k}"] - 1e-9, (data, row)
     assert res.params["torch_threads"] == res.params["faiss_threads"]
+
+
+def test_unclustered_data_has_the_stated_spectrum_and_no_clusters():
+    from benchmarks.neighbours import SPECTRUM_DECAY, spectrum_data
+
+    p = {"queries": 20_000, "references": 20_000, "dims": 16}
+    queries, references = spectrum_data(p)
+    for x in (queries, references):
+        assert x.shape == (20_000, 16) and x.dtype == np.float32
+        expected = np.arange(1, 17) ** -SPECTRUM_DECAY
+        np.testing.assert_allclose(x.std(axis=0), expected, rtol=0.03)
+        np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=0.03)
+        # One Gaussian: every dimension's kurtosis is a normal's 3 (a mixture's is not).
+        z = (x - x.mean(axis=0)) / x.std(axis=0)
+        np.testing.assert_allclose((z**4).mean(axis=0), 3.0, atol=0.15)
 
 
 def test_neighbours_table_and_json(neighbours_ci, tmp_path):
