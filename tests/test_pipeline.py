@@ -341,6 +341,10 @@ def test_final_model_and_evaluation(job):
     assert summary.final_training_steps == 6  # 2 epochs x 3 steps, the explicit budget
     assert summary.final_data_loading.startswith("stream; set by final.data_loading")
     assert [h["epoch"] for h in manifest["final_history"]] == [0, 1]
+    # Streamed: of each epoch's training time, how long it waited for batches (the first
+    # epoch's includes starting the stream, so it is never zero).
+    assert all(0.0 <= h["stream_wait_seconds"] <= h["train_seconds"] for h in manifest["final_history"])
+    assert manifest["final_history"][0]["stream_wait_seconds"] > 0.0
     compute = manifest["summary"]["compute"]
     assert compute["scoring_recording"]["spent"] < compute["scoring_recording"]["whole_pool"]
 

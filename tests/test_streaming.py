@@ -60,6 +60,32 @@ def test_a_stream_that_starts_at_a_later_pass_and_an_empty_pass_is_an_error():
         empty.next()
 
 
+def test_a_streamed_source_counts_the_time_it_waits_for_the_stream_and_not_the_conversion():
+    now = [0.0]
+
+    def passes(k):
+        now[0] += 5.0  # starting a pass
+        for ids in ([0, 1], [2, 3]):
+            now[0] += 1.0  # waiting for a batch
+            images, labels = _rows(ids)
+            yield images, labels
+
+    def clock():
+        return now[0]
+
+    source = StreamedBatches(passes, "cpu", clock=clock)
+    source.next()
+    assert source.wait_seconds == 6.0  # the pass's start and its first batch
+    source.next()
+    assert source.wait_seconds == 7.0
+    source.wait_seconds = 0.0  # as the training loop resets it every epoch
+    source.next()  # the pass ends (nothing more to wait for), the next starts and gives a batch
+    assert source.wait_seconds == 6.0 and source.pass_index == 1
+    # Converting to float is the trainer's time, not the stream's: a clock that only the
+    # stream advances sees none of it.
+    assert source.next()[0].dtype == torch.float32 and source.wait_seconds == 7.0
+
+
 def test_concatenated_sources_give_fixed_counts_from_each():
     streamed = StreamedBatches(_passes_of([[np.array([10, 11, 12])]]), "cpu")
     images = torch.rand(5, 3, 4, 4)

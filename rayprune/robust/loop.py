@@ -12,6 +12,7 @@ in-memory real part).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,15 +109,36 @@ class StreamedBatches:
     converted to float on ``device`` as it is drawn. A pass that yields no batch at all is
     an error (it would loop forever). ``pass_index``: the pass to start with (a resumed run
     starts a fresh pass; the stream itself cannot be replayed).
+
+    ``wait_seconds``: the time spent waiting for the stream to hand over batches (starting
+    passes included), summed until the caller resets it: whether training is starved.
+    ``clock``: a monotonic clock in seconds (a fake one in tests).
     """
 
     def __init__(self, passes: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]], device: torch.device | str,
-                 pass_index: int = 0) -> None:
+                 pass_index: int = 0, clock: Callable[[], float] = time.perf_counter) -> None:
         self.passes, self.device, self.pass_index = passes, torch.device(device), pass_index
         self._current: Iterator | None = None
         self.batches_in_pass = 0
+        self.wait_seconds, self._clock = 0.0, clock
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        started = self._clock()
+        try:
+            images, labels = self._next_rows()
+        finally:
+            self.wait_seconds += self._clock() - started
+        labels_t = torch.as_tensor(np.asarray(labels, np.int64))
+        if self.device.type != "cuda":
+            return to_float_images(images), labels_t
+        # On CUDA: the uint8 batch (a quarter of the float bytes) goes from pinned host
+        # memory without blocking, and becomes float on the device.
+        images_t = torch.as_tensor(np.require(images, requirements="W")).pin_memory()
+        return (to_float_images(images_t.to(self.device, non_blocking=True)),
+                labels_t.pin_memory().to(self.device, non_blocking=True))
+
+    def _next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next (uint8 images, labels) of the stream, going on to the next pass as one ends."""
         while True:
             if self._current is None:
                 self._current, self.batches_in_pass = iter(self.passes(self.pass_index)), 0
@@ -129,14 +151,7 @@ class StreamedBatches:
                 self._current, self.pass_index = None, self.pass_index + 1
                 continue
             self.batches_in_pass += 1
-            labels_t = torch.as_tensor(np.asarray(labels, np.int64))
-            if self.device.type != "cuda":
-                return to_float_images(images), labels_t
-            # On CUDA: the uint8 batch (a quarter of the float bytes) goes from pinned host
-            # memory without blocking, and becomes float on the device.
-            images_t = torch.as_tensor(np.require(images, requirements="W")).pin_memory()
-            return (to_float_images(images_t.to(self.device, non_blocking=True)),
-                    labels_t.pin_memory().to(self.device, non_blocking=True))
+            return images, labels
 
 
 class ConcatBatches:

@@ -218,6 +218,8 @@ def final_loop(spec: FinalSpec) -> None:
         if fc.early_stop_patience and state["bad_epochs"] >= fc.early_stop_patience:
             break
         started = time.perf_counter()
+        if streamed is not None:
+            streamed.wait_seconds = 0.0
         stats = train_steps(w.model, w.optimizer, batches, w.attack, w.recipe, steps=per_epoch,
                             first_step=epoch * per_epoch, total_steps=per_epoch * epochs, ema=ema,
                             generator=w.generator(epoch), scaler=w.scaler)
@@ -234,6 +236,8 @@ def final_loop(spec: FinalSpec) -> None:
             state["bad_epochs"] += 1
         metrics = {"epoch": epoch, "loss": stats["loss"], "lr": stats["lr"], "train_adv_acc": stats["adv_acc"],
                    "val_robust_acc": val_acc, "train_seconds": train_seconds}
+        if streamed is not None:  # of train_seconds, the time spent waiting for streamed batches
+            metrics["stream_wait_seconds"] = streamed.wait_seconds
         state["epoch"] = epoch
         state["history"].append(metrics)
         if streamed is not None:
