@@ -10,6 +10,8 @@ before training) and ``stream`` (the synthetic part streams from Ray Data). Meas
   checkpoints), streamed against in-memory at the largest size (target >= 0.9x);
 * the loss curves of both paths (same budget, same seed; the batches differ, so the
   curves agree within noise, not exactly);
+* per epoch, the optimiser steps' seconds and (streamed) how many of them were spent
+  waiting for the stream: where a slow first epoch goes;
 * peak resident memory of the Ray worker processes (training workers and Ray Data's
   readers; the largest single process is the training worker) and of the driver, while
   the stage runs: flat with the pool for the streamed path, growing for in-memory. RSS
@@ -62,7 +64,10 @@ def measure(pool_dir: Path, loading: str, p: dict, workdir: Path) -> dict:
     per_epoch_samples = p["steps"] * p["batch_size"]
     return {"rows": pool.info.num_rows, "loading": result.data_loading, "seconds": seconds,
             "samples_per_s": statistics.mean(per_epoch_samples / h["train_seconds"] for h in steady),
-            "losses": [h["loss"] for h in result.history], **memory, "pool_mib": pool_mib(pool_dir)}
+            "losses": [h["loss"] for h in result.history], **memory, "pool_mib": pool_mib(pool_dir),
+            # Per epoch: the optimiser steps' seconds and, streamed, how many of them waited for batches.
+            "train_seconds": [h["train_seconds"] for h in result.history],
+            "stream_wait_seconds": [h.get("stream_wait_seconds") for h in result.history]}
 
 
 def run(preset: str, workdir: Path) -> BenchResult:

@@ -217,6 +217,11 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
     for row in streaming["rows"]:
         assert len(row["losses"]) == p["epochs"] and all(math.isfinite(v) for v in row["losses"])
         assert row["samples_per_s"] > 0 and row["worker_peak_single_mib"] > 0
+        waits = row["stream_wait_seconds"]
+        if row["loading"] == "stream":
+            assert all(0 <= w <= t for w, t in zip(waits, row["train_seconds"], strict=True)), row
+        else:
+            assert waits == [None] * p["epochs"]
         # Private memory is part of RSS (read a moment later, so a little slack).
         assert 0 < row["worker_peak_single_private_mib"] <= row["worker_peak_single_mib"] + 64
 
