@@ -369,6 +369,10 @@ def test_mlflow_records_runs_datasets_artifacts_and_registry(job):
     assert [m.step for m in history] == [0, 1, 2, 3]
     final_curve = client.get_metric_history(children["final_train"].info.run_id, "val_robust_acc")
     assert [m.step for m in final_curve] == [0, 1]
+    waits = client.get_metric_history(children["final_train"].info.run_id, "stream_wait_seconds")
+    manifest_history = json.loads((job["out"] / "manifest.json").read_text())["final_history"]
+    assert [m.value for m in sorted(waits, key=lambda m: m.step)] == pytest.approx(
+        [h["stream_wait_seconds"] for h in manifest_history])
     assert children["evaluate"].data.metrics["test_n"] == 120
     assert children["evaluate"].data.metrics["test_worst"] == pytest.approx(job["summary"].robust_metrics["worst"])
     manifest = json.loads((job["out"] / "manifest.json").read_text())

@@ -77,7 +77,7 @@ def _counts(table, column: str) -> dict[str, int]:
 
 
 def log_final(tracker: Tracker, history: list[dict]) -> None:
-    keys = ("loss", "lr", "train_adv_acc", "val_robust_acc")
+    keys = ("loss", "lr", "train_adv_acc", "val_robust_acc", "train_seconds", "stream_wait_seconds")
     log_history(tracker, history, keys)
     if history:
         curves = {k: [row[k] for row in history] for k in ("loss", "train_adv_acc", "val_robust_acc")}
