@@ -33,6 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +73,6 @@ MIN_RECALL = 0.95  # the job's default extrapolation.min_recall
 CALIBRATION_QUERIES = 2000  # as the extrapolate stage samples
 FIXED_PROBES = 4  # the fixed ivf width whose recall shows how hard a data set is
 SPECTRUM_DECAY = 0.5  # of the unclustered data's standard deviations over dimensions
-#: The data sets beyond the clustered one on which calibrated approximate search is timed.
-HARD_DATA = {
-    "model embeddings": lambda p: model_embeddings(p),
-    "unclustered": lambda p: spectrum_data(p),
-    "isotropic": lambda p: make_data(p, clustered=False),
-}
 
 
 def clustered_embeddings(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -154,6 +149,14 @@ def model_embeddings(p: dict) -> tuple[np.ndarray, np.ndarray]:
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     """(start, count) of consecutive blocks of at most ``size`` rows covering [start, stop)."""
     return [(s, min(size, stop - s)) for s in range(start, stop, size)]
+
+
+#: The data sets beyond the clustered one on which calibrated approximate search is timed.
+HARD_DATA: dict[str, Callable[[dict], tuple[np.ndarray, np.ndarray]]] = {
+    "model embeddings": model_embeddings,
+    "unclustered": spectrum_data,
+    "isotropic": partial(make_data, clustered=False),
+}
 
 
 def faiss_flat(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
