@@ -116,7 +116,7 @@ def model_embeddings(p: dict) -> tuple[np.ndarray, np.ndarray]:
     from rayprune.data.demo_pool import generate_rows
     from rayprune.robust.at_losses import pgd_at_loss
     from rayprune.robust.recording import compute_embeddings
-    from rayprune.robust.training import to_float_images
+    from rayprune.robust.training import learning_rate, to_float_images
     from rayprune.stages.training import attack_from_config, model_from_config
 
     config = load_config(None, {})
@@ -132,7 +132,7 @@ def model_embeddings(p: dict) -> tuple[np.ndarray, np.ndarray]:
     for step in range(p["model_steps"]):
         rows = torch.as_tensor(rng.choice(len(images), min(batch, len(images)), replace=False))
         for group in optimiser.param_groups:  # cosine decay, so the last steps settle the embedding
-            group["lr"] = config.train.lr * 0.5 * (1 + math.cos(math.pi * step / p["model_steps"]))
+            group["lr"] = learning_rate(step, p["model_steps"], config.train.lr)
         loss, stats = pgd_at_loss(model, images[rows], labels[rows], attack, generator=generator)
         optimiser.zero_grad()
         loss.backward()
@@ -141,14 +141,11 @@ def model_embeddings(p: dict) -> tuple[np.ndarray, np.ndarray]:
             logger.info("neighbours: model embeddings, training step %d/%d, adversarial accuracy %.2f",
                         step + 1, p["model_steps"], stats["adv_acc"])
     references = compute_embeddings(model, images)
-    queries = [compute_embeddings(model, to_float_images(generate_rows(spec, start, count).images))
-               for start, count in _blocks(p["references"], spec.n_rows, 50_000)]
+    block = 50_000  # query rows generated and embedded at a time
+    queries = [compute_embeddings(model, to_float_images(
+        generate_rows(spec, start, min(block, spec.n_rows - start)).images))
+        for start in range(p["references"], spec.n_rows, block)]
     return np.ascontiguousarray(np.concatenate(queries)), references
-
-
-def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
-    """(start, count) of consecutive blocks of at most ``size`` rows covering [start, stop)."""
-    return [(s, min(size, stop - s)) for s in range(start, stop, size)]
 
 
 #: The data sets beyond the clustered one on which calibrated approximate search is timed.
