@@ -157,7 +157,9 @@ names.update(owners(set(new) - set(names)))
 gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
 joiner = f"import ray; ray.init(address='{ray.util.get_node_ip_address()}:{gcs_port}')"
 env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH="/nonexistent")
+# One connection attempt: refused for the missing token, the client would otherwise retry
+# for about 20 s before giving up with the same error.
+env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH="/nonexistent", RAY_NUM_REDIS_GET_RETRIES="1")
 joined = subprocess.run([sys.executable, "-c", joiner], capture_output=True, text=True, env=env, timeout=120)
 print(json.dumps({"listeners": [[addr, names.get(inode, "?")] for inode, addr in new.items()],
                   "dashboard_port": 8265, "join_rc": joined.returncode, "join_err": joined.stderr[-600:]}))
