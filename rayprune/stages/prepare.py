@@ -142,15 +142,7 @@ def run_split(config: JobConfig, pool: PoolRef, root: Path) -> SplitResult:
         subset_ids = ids[positions]
         pq.write_table(pa.table({"id": subset_ids}), stage.dir / "subset_ids.parquet")
         tmp = fresh_dir(stage.dir / ".subset.partial")
-        keep = ray.put(subset_ids)
-        (
-            ray.data.read_parquet(**storage.ray_parquet_source(pool.files))
-            .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [keep], **image_check_kwargs(pool)},
-                         batch_format="pyarrow",
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-            .write_parquet(str(tmp))
-        )
-        written = pads.dataset(str(tmp), format="parquet").count_rows()
+        written = write_rows_by_id(pool, subset_ids, tmp)
         if written != len(subset_ids):
             raise RuntimeError(f"split: wrote {written} subset rows, expected {len(subset_ids)}")
         swap_in(tmp, subset_dir)
@@ -179,19 +171,31 @@ def image_check_kwargs(pool: PoolRef) -> dict:
     return {"image_shape": list(pool.info.image_shape), "where": f"pool {pool.path}"}
 
 
-class FilterIds:
-    """Ray Data actor: keep rows whose id is in a broadcast id array.
+def keep_rows_by_id(table: pa.Table, keep_ref: list, image_shape: list | None = None,
+                    where: str = "pool") -> pa.Table:
+    """Ray Data batch function: the rows whose id is in the broadcast ascending id array.
 
-    Every row of the pool passes through it, so it also checks every image's byte
-    length (cheap: Arrow's length column), which the preflight only samples.
-    """
+    Every row of the pool passes through it, so it also checks every image's byte length
+    (cheap: Arrow's length column), which the preflight only samples. The ref arrives
+    wrapped in a list so Ray hands it over unresolved; the array is read from the object
+    store without a copy."""
+    if image_shape is not None:
+        check_image_lengths(table, image_shape, where)
+    return filter_by_ids(table, ray.get(keep_ref[0]))
 
-    def __init__(self, keep_ref: list, image_shape: list | None = None, where: str = "pool") -> None:
-        # The ref arrives wrapped in a list so Ray hands it over unresolved; get it once.
-        self.keep = np.sort(np.asarray(ray.get(keep_ref[0]), np.int64))
-        self.image_shape, self.where = image_shape, where
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        if self.image_shape is not None:
-            check_image_lengths(table, self.image_shape, self.where)
-        return filter_by_ids(table, self.keep)
+def write_rows_by_id(pool: PoolRef, keep_ids: np.ndarray, dest: Path) -> int:
+    """Copy the pool's rows whose id is in ``keep_ids``, unchanged, as parquet files under
+    ``dest``; return how many were written.
+
+    Ray Data tasks rather than an actor: the filter needs no state but the shared id array,
+    so every CPU of the cluster can take a block, and no actor process is started per stage
+    (about a second each time on 2 CPUs)."""
+    keep = ray.put(np.sort(np.asarray(keep_ids, np.int64)))
+    (
+        ray.data.read_parquet(**storage.ray_parquet_source(pool.files))
+        .map_batches(keep_rows_by_id, fn_kwargs={"keep_ref": [keep], **image_check_kwargs(pool)},
+                     batch_format="pyarrow", num_cpus=0.5)
+        .write_parquet(str(dest))
+    )
+    return pads.dataset(str(dest), format="parquet").count_rows()

@@ -15,16 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import ray
 
-from rayprune import storage
 from rayprune.config import JobConfig
 from rayprune.data.pool import PoolInfo, write_pool_info
 from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.scoring.select import select_by_score, select_random
 from rayprune.stages.common import fresh_dir, stage_for, swap_in
 from rayprune.stages.extrapolate import ExtrapolateResult
-from rayprune.stages.prepare import FilterIds, PoolRef, image_check_kwargs
+from rayprune.stages.prepare import PoolRef, write_rows_by_id
 from rayprune.validation import check_finite_scores
 
 logger = logging.getLogger(__name__)
@@ -73,14 +71,7 @@ def choose_kept(config: JobConfig, table: pa.Table) -> np.ndarray:
 def write_pruned_pool(pool: PoolRef, kept_ids: np.ndarray, per_source: dict[str, int], dest: Path) -> None:
     """Copy the kept rows, unchanged, into a new pool at ``dest`` (via Ray Data, atomically)."""
     tmp = fresh_dir(dest.with_name(f".{dest.name}.partial"))
-    (
-        ray.data.read_parquet(**storage.ray_parquet_source(pool.files))
-        .map_batches(FilterIds, fn_constructor_kwargs={"keep_ref": [ray.put(kept_ids)], **image_check_kwargs(pool)},
-                     batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-        .write_parquet(str(tmp))
-    )
-    written = pads.dataset(str(tmp), format="parquet").count_rows()
+    written = write_rows_by_id(pool, kept_ids, tmp)
     if written != len(kept_ids):
         raise RuntimeError(f"wrote {written} pruned-pool rows, expected {len(kept_ids)}")
     write_pool_info(tmp, PoolInfo(
