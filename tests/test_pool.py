@@ -116,6 +116,20 @@ def test_demo_pool_written_equals_generated_rows(tmp_path):
     assert table["source"].to_pylist() == list(rows.sources)
 
 
+def test_a_demo_pools_first_rows_are_the_whole_pools_first_rows(tmp_path):
+    spec = DemoPoolSpec(n_real=100, n_synthetic=2900, image_size=8, num_classes=3)
+    info = write_demo_pool(spec, tmp_path / "head", rows_per_file=400, first_rows=1100)
+    assert info.num_rows == 1100 and info.sources == {"real": 100, "synthetic": 1000}
+    head = pads.dataset(pool_files(tmp_path / "head"), format="parquet").to_table().sort_by("id")
+    whole = generate_rows(spec)  # generated in one piece, not block by block as written
+    np.testing.assert_array_equal(head["id"].to_numpy(), whole.ids[:1100])
+    np.testing.assert_array_equal(decode_images(head["image"], (8, 8, 3)), whole.images[:1100])
+    np.testing.assert_array_equal(head["label"].to_numpy(), whole.labels[:1100])
+    for bad in (0, 3001):
+        with pytest.raises(ValueError, match=r"first_rows must be in \[1, 3000\]"):
+            write_demo_pool(spec, tmp_path / f"bad{bad}", first_rows=bad)
+
+
 def test_open_pool_digest_tracks_content_facts(tmp_path):
     from rayprune.stages.prepare import open_pool
 

@@ -666,15 +666,21 @@ class PoolWriter:
                     self.out_dir, self._rows, len(self._files), self._sources)
 
 
-def write_demo_pool(spec, out_dir: str | Path, *, rows_per_file: int = 50_000, overwrite: bool = False) -> PoolInfo:
-    """Generate the demo pool block by block straight into the pool format."""
+def write_demo_pool(spec, out_dir: str | Path, *, rows_per_file: int = 50_000, overwrite: bool = False,
+                    first_rows: int | None = None) -> PoolInfo:
+    """Generate the demo pool block by block straight into the pool format; with
+    ``first_rows``, only that many of its first rows (the same rows and ids as the whole
+    pool's: pools of several sizes that share their rows)."""
     from rayprune.data.demo_pool import BLOCK_ROWS, generate_rows
 
+    n_rows = spec.n_rows if first_rows is None else first_rows
+    if not 1 <= n_rows <= spec.n_rows:
+        raise ValueError(f"first_rows must be in [1, {spec.n_rows}] (the pool's rows); got {first_rows}")
     shape = (spec.image_size, spec.image_size, 3)
     with PoolWriter(out_dir, image_shape=shape, num_classes=spec.num_classes,
                     rows_per_file=rows_per_file, overwrite=overwrite) as writer:
         step = BLOCK_ROWS * 8
-        for start in range(0, spec.n_rows, step):
-            rows = generate_rows(spec, start, min(step, spec.n_rows - start))
+        for start in range(0, n_rows, step):
+            rows = generate_rows(spec, start, min(step, n_rows - start))
             writer.add(rows.ids, rows.images, rows.labels, rows.sources, origin="demo pool", first_row=start)
     return read_pool_info(out_dir)
