@@ -172,7 +172,8 @@ def test_end_to_end_compute_matches_the_budget_formula(ray_suite_ci):
     p = PRESETS["ci"]
     rows = {r["run"]: r for r in next(r for r in ray_suite_ci["results"] if r["benchmark"] == "end_to_end")["rows"]}
     per_sample = p["train.epochs"] * (p["attack.steps"] + 2)
-    for run in ("subset", "full", "full_seed1"):
+    assert set(rows) == {"subset", "full"}  # the ceiling's run stops after scoring: no compute row
+    for run in ("subset", "full"):
         assert rows[run]["recording_passes"] == rows[run]["scored"] * per_sample
     assert rows["full"]["scored"] == p["pool.demo.n_synthetic"]  # every prunable sample scored
     assert rows["subset"]["scored"] == round(0.1 * p["pool.demo.n_synthetic"])
