@@ -107,6 +107,18 @@ def test_config_and_row_copying_stages_do_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_preflight_refuses_bad_input_before_torch_ray_or_mlflow_load():
+    """The job script checks its input before the heavy imports, so an error comes in a
+    second, not after the four it takes to load them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rayprune.pipeline, rayprune.preflight; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'faiss', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_option_names_match_what_the_code_implements():
     from rayprune import choices
     from rayprune.robust.models import MODEL_REGISTRY

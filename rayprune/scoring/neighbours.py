@@ -26,12 +26,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rayprune.choices import METHODS, METRICS
 from rayprune.validation import as_finite_array, check_choice, check_positive_int
+
+if TYPE_CHECKING:  # imported where exact search runs: the preflight imports this module's options
+    import torch
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class _RefBlock:
 
 def _ref_blocks(references: np.ndarray, centre: np.ndarray, k: int, size: int) -> list[_RefBlock]:
     """Centre, square-norm, pad and transpose the references, ``size`` rows per block."""
+    import torch
+
     blocks = []
     for r0 in range(0, len(references), size):
         r = torch.from_numpy(references[r0 : r0 + size] - centre)
@@ -125,6 +130,8 @@ def _block_topk(q: torch.Tensor, block: _RefBlock, k: int, buffer: torch.Tensor)
     group has k group minima below its own), so only ``k x group`` candidates per query
     need a second top-k.
     """
+    import torch
+
     d = buffer[: len(q) * block.ref_t.shape[1]].view(len(q), -1)
     torch.addmm(block.ref_sq, q, block.ref_t, alpha=-2.0, out=d)
     take = min(k, d.shape[1])
@@ -141,6 +148,8 @@ def _block_topk(q: torch.Tensor, block: _RefBlock, k: int, buffer: torch.Tensor)
 
 def _exact_search(queries: np.ndarray, references: np.ndarray, k: int, options: SearchConfig):
     """Blocked brute-force k-NN; returns (squared distances, indices) sorted ascending."""
+    import torch
+
     # Centring on the reference mean leaves distances unchanged and shrinks the norms,
     # which keeps the |q|^2 - 2 q.r + |r|^2 expansion well conditioned in float32.
     centre = references.mean(axis=0, dtype=np.float64).astype(np.float32)
