@@ -216,6 +216,7 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
     assert [(row["rows"], row["loading"]) for row in streaming["rows"]] == [
         (n, loading) for n in p["sizes"] for loading in ("memory", "stream")]
     for row in streaming["rows"]:
+        assert row["repeat"] == 0  # the ci preset runs one pair
         assert len(row["losses"]) == p["epochs"] and all(math.isfinite(v) for v in row["losses"])
         assert row["samples_per_s"] > 0 and row["worker_peak_single_mib"] > 0
         waits = row["stream_wait_seconds"]
@@ -225,6 +226,20 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
             assert waits == [None] * p["epochs"]
         # Private memory is part of RSS (read a moment later, so a little slack).
         assert 0 < row["worker_peak_single_private_mib"] <= row["worker_peak_single_mib"] + 64
+
+
+def test_streaming_throughput_compares_medians_over_alternating_pairs():
+    from benchmarks.streaming import throughput_comparison
+
+    speeds = {("memory", 0): 700.0, ("stream", 0): 560.0, ("memory", 1): 760.0, ("stream", 1): 740.0,
+              ("memory", 2): 720.0, ("stream", 2): 700.0}
+    rows = [{"rows": 400_000, "loading": loading, "repeat": i, "samples_per_s": v}
+            for (loading, i), v in speeds.items()]
+    c = throughput_comparison(rows)
+    assert (c.baseline_value, c.candidate_value) == (720.0, 700.0)  # medians, not one pair
+    assert c.ratio == pytest.approx(700 / 720) and c.met is True
+    assert "median of 3 alternating pair(s), pair ratios 0.80x, 0.97x, 0.97x" in c.note
+    assert "400,000 rows" in c.what
 
 
 def test_kept_truth_counts_the_demo_pools_hidden_truth_over_kept_synthetic_rows():
