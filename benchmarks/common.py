@@ -35,6 +35,19 @@ def model_file(config: JobConfig, info: PoolInfo, path: Path, seed: int = 0) -> 
     return path
 
 
+def score_subset(config: JobConfig):
+    """The job's own stages up to its scoring run (no extrapolation or selection), for
+    benchmarks that need a scored subset but not the rest: ``(split, score)``."""
+    from rayprune.stages.prepare import run_pool, run_split
+    from rayprune.stages.resources import plan_resources
+    from rayprune.stages.score import run_score
+
+    root = Path(config.output_dir)
+    pool = run_pool(config, root)
+    split = run_split(config, pool, root)
+    return split, run_score(config, pool, split, root, plan_resources(config.ray))
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None):
     """A local Ray instance for one benchmark, shut down afterwards.

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
-from benchmarks.common import local_ray
+from benchmarks.common import local_ray, score_subset
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import JobConfig, load_config
 
@@ -150,23 +150,11 @@ def run_kind(preset: str, kind: str, workdir: Path) -> dict:
         summaries[name] = run_pipeline(configs[name])
         walls[name] = time.perf_counter() - start
         logger.info("end_to_end %s: run %s took %.1f s", kind, name, walls[name])
-    ceiling = _config(preset, workdir / "full_seed1", **KINDS[preset][kind], **{"split.subset_fraction": 1.0,
-                                                                               "train.seed": 1})
+    ceiling = _config(preset, workdir / "full_seed1", **KINDS[preset][kind], **runs["full"], **{"train.seed": 1})
     start = time.perf_counter()
-    ceiling_scores = _measured_scores_only(ceiling)
+    ceiling_scores = score_subset(ceiling)[1].scores_file  # its measured scores are all the ceiling needs
     logger.info("end_to_end %s: the ceiling's scoring run (seed 1) took %.1f s", kind, time.perf_counter() - start)
     return {"summaries": summaries, "configs": configs, "walls": walls, "ceiling_scores": ceiling_scores}
-
-
-def _measured_scores_only(config: JobConfig) -> Path:
-    """The job's stages up to its scoring run (no extrapolation or selection); the measured scores' file."""
-    from rayprune.stages.prepare import run_pool, run_split
-    from rayprune.stages.resources import plan_resources
-    from rayprune.stages.score import run_score
-
-    root = Path(config.output_dir)
-    pool = run_pool(config, root)
-    return run_score(config, pool, run_split(config, pool, root), root, plan_resources(config.ray)).scores_file
 
 
 def fidelity_of(kind: str, runs: dict) -> tuple[dict, dict]:

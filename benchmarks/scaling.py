@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from benchmarks.common import local_ray, memory_mib, pool_mib, timed_with_memory
+from benchmarks.common import local_ray, memory_mib, pool_mib, score_subset, timed_with_memory
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import load_config
 from rayprune.data.demo_pool import DemoPoolSpec
@@ -41,10 +41,6 @@ def _config(pool_dir: Path, out: Path, p: dict, subset_fraction: float):
 
 def scored_pools(p: dict, workdir: Path):
     """Write the pool of every size; score the smallest. Returns ``({size: pool dir}, split, score)``."""
-    from rayprune.stages.prepare import run_pool, run_split
-    from rayprune.stages.resources import plan_resources
-    from rayprune.stages.score import run_score
-
     sizes = p["sizes"]
     n_real = max(1, round(REAL_SHARE * sizes[0]))
     spec = DemoPoolSpec(n_real=n_real, n_synthetic=max(sizes) - n_real, image_size=p["image_size"])
@@ -53,10 +49,7 @@ def scored_pools(p: dict, workdir: Path):
         pools[n] = workdir / f"pool-{n}"
         write_demo_pool(spec, pools[n], overwrite=True, first_rows=n)
     config = _config(pools[sizes[0]], workdir / "scoring", p, min(1.0, p["scored"] / (sizes[0] - n_real)))
-    root = Path(config.output_dir)
-    pool = run_pool(config, root)
-    split = run_split(config, pool, root)
-    return pools, split, run_score(config, pool, split, root, plan_resources(config.ray))
+    return pools, *score_subset(config)
 
 
 def measure_size(pool_dir: Path, split, score, p: dict, workdir: Path) -> dict:
