@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import TINY_JOB
@@ -90,11 +91,18 @@ def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):
 
 def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, first_run):
     """Rerun the first job from its extrapolate stage (split and scoring stay committed)
-    and remove a worker node while the scores stream."""
-    out, _ = first_run
+    and remove a worker node while the scores stream.
+
+    The rerun also finds the scoring run as an older rayprune left it, without the
+    references its last epoch records: the extrapolate stage must then embed the subset
+    in a pass of its own, on the cluster, and get the references the scoring run recorded
+    (same embeddings and clean statistics, up to float rounding)."""
+    out, first = first_run
     overrides = _overrides(cluster, out)
+    recorded = pq.read_table(first.outputs["subset_embeddings"])
     for stage in ("extrapolate", "select"):
         shutil.rmtree(out / stage)
+    shutil.rmtree(out / "score_subset" / "references")
     scoring_commit = (out / "score_subset" / "_COMMITTED.json").stat().st_mtime_ns
     partial = out / "extrapolate" / ".scores.partial"
     removed = []
@@ -117,3 +125,10 @@ def test_job_finishes_when_a_node_is_removed_mid_stage(cluster, first_run):
     ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
     np.testing.assert_array_equal(np.sort(ids), np.arange(6000))  # every id exactly once
     assert (out / "score_subset" / "_COMMITTED.json").stat().st_mtime_ns == scoring_commit  # not redone
+    embedded = pq.read_table(summary.outputs["subset_embeddings"])
+    for name in ("id", "label", "score"):
+        np.testing.assert_array_equal(embedded[name].to_numpy(), recorded[name].to_numpy(), err_msg=name)
+    for name in ("embedding", "p_clean", "margin_clean", "l2_error_clean"):
+        np.testing.assert_allclose(np.stack(embedded[name].to_numpy(zero_copy_only=False)),
+                                   np.stack(recorded[name].to_numpy(zero_copy_only=False)), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)

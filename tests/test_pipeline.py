@@ -226,6 +226,36 @@ def test_learned_scores_match_an_in_process_recomputation(job):
     np.testing.assert_allclose(job["scores"]["neighbour_distance"].to_numpy()[sample], features["dist12"], rtol=1e-3)
 
 
+def test_references_are_the_subset_models_view_from_the_last_scoring_epoch(job):
+    """The extrapolation's references come from the scoring run's last recording pass, not
+    from a pass of their own: every scored id once, with its measured score; the
+    embeddings and clean statistics the saved subset model gives on each row's raw image
+    (recomputed here without Ray); the adversarial statistics of the last epoch's record."""
+    from rayprune.robust.recording import embed_with_signals
+
+    refs = pq.read_table(job["summary"].outputs["subset_embeddings"])
+    ids = refs["id"].to_numpy()
+    measured = pq.read_table(job["summary"].outputs["subset_scores"])
+    np.testing.assert_array_equal(ids, measured["id"].to_numpy())
+    np.testing.assert_array_equal(refs["score"].to_numpy(), measured["score"].to_numpy())
+    rows = job["pool"].take(ids)
+    np.testing.assert_array_equal(rows["id"].to_numpy(), ids)
+    np.testing.assert_array_equal(refs["label"].to_numpy(), rows["label"].to_numpy())
+    model = model_from_config(job["config"], 3, 3)
+    model.load_state_dict(torch.load(job["summary"].outputs["subset_model"], weights_only=True))
+    emb, signals = embed_with_signals(model, to_float_images(decode_images(rows["image"], (8, 8, 3))),
+                                      torch.as_tensor(rows["label"].to_numpy()))
+    np.testing.assert_allclose(np.stack(refs["embedding"].to_numpy(zero_copy_only=False)), emb, rtol=1e-4, atol=1e-5)
+    for name, values in signals.items():
+        np.testing.assert_allclose(refs[name].to_numpy(), values, rtol=1e-4, atol=1e-5, err_msg=name)
+    last = pq.read_table(job["out"] / "score_subset" / "records" / "epoch_0003-rank_000.parquet")
+    np.testing.assert_array_equal(np.sort(last["id"].to_numpy()), ids)
+    last = last.sort_by("id")
+    for name in ("p_adv", "margin_adv", "l2_error_adv"):
+        np.testing.assert_array_equal(refs[name].to_numpy(), last[name].to_numpy())
+    assert refs["p_adv"].to_numpy().mean() < refs["p_clean"].to_numpy().mean()  # attacked, not a clean copy
+
+
 def test_rerun_skips_finished_stages_and_manifest(job):
     marks, marks_after = job["marks"]
     assert len(marks) == 11 and marks == marks_after  # no stage recommitted

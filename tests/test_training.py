@@ -104,6 +104,19 @@ def test_training_reduces_loss_and_recording_matches_direct_computation(tiny_tas
     assert record.p_adv.mean() < record.p_clean.mean()  # the attack lowers true-class probability
     np.testing.assert_allclose(compute_embeddings(model, x, batch_size=7), model.embed(x).detach().numpy(),
                                rtol=1e-5, atol=1e-6)
+    # Keeping the embeddings (the scoring run's last epoch) changes no statistic, not one
+    # bit (the scores come from them), and gives what the embedding pass gives.
+    model.train()
+    with_emb = record_predictions(model, x, y, attack, batch_size=40, generator=torch.Generator().manual_seed(1),
+                                  with_embeddings=True)
+    assert model.training and record.embedding is None
+    for field in ("p_clean", "p_adv", "margin_clean", "margin_adv", "l2_error_clean", "l2_error_adv"):
+        np.testing.assert_array_equal(getattr(with_emb, field), getattr(record, field))
+    assert with_emb.embedding.shape == (len(x), model.embedding_dim) and with_emb.embedding.dtype == np.float32
+    np.testing.assert_allclose(with_emb.embedding, compute_embeddings(model, x, batch_size=7), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="EmbeddingClassifier"):
+        record_predictions(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 3)), x, y, attack,
+                           with_embeddings=True)
 
 
 def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):

@@ -3,7 +3,9 @@
 After every epoch the raw (non-EMA) model, in eval mode, sees the un-augmented scored
 samples clean and under the training attack; per sample we keep the true-class
 probability and margin of both. These rows, stacked over epochs, are the histories
-that scores are computed from.
+that scores are computed from. The last epoch's pass also keeps the embeddings: with
+its statistics, they are the final model's view of the scored samples that
+extrapolation works from.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class EpochRecord:
     margin_adv: np.ndarray
     l2_error_clean: np.ndarray  # ||softmax - onehot||_2, the per-epoch EL2N term
     l2_error_adv: np.ndarray
+    #: Penultimate-layer embeddings ``(N, D)`` from the clean pass, when asked for.
+    embedding: np.ndarray | None = None
 
 
 def record_predictions(
@@ -49,19 +53,25 @@ def record_predictions(
     *,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    with_embeddings: bool = False,
 ) -> EpochRecord:
     """Clean and adversarial true-class statistics of ``model`` on float images in [0, 1].
 
     The attack uses cross-entropy, as during training (``attack.loss`` is overridden).
-    The model's mode is restored afterwards.
+    The model's mode is restored afterwards. ``with_embeddings`` (an
+    :class:`EmbeddingClassifier`) also keeps the clean pass's penultimate embeddings:
+    the same forward pass, so no extra compute and the same statistics bit for bit.
     """
     if len(images) != len(labels):
         raise ValueError(f"images and labels must have the same length; got {len(images)} and {len(labels)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if with_embeddings and not isinstance(model, EmbeddingClassifier):
+        raise TypeError(f"with_embeddings needs an EmbeddingClassifier; got {type(model).__name__}")
     ce_attack = dataclasses.replace(attack, loss="ce")
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {f: [] for f in RECORDED_FIELDS}
+    embeddings: list[torch.Tensor] = []
     with temporary_mode(model, "eval"), full_precision(device):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
@@ -69,11 +79,21 @@ def record_predictions(
             x_adv = pgd_attack(model, x, y, ce_attack, generator=generator)
             for kind, inputs in (("clean", x), ("adv", x_adv)):
                 with torch.no_grad():
-                    logits = model(inputs)
+                    if with_embeddings and kind == "clean":
+                        assert isinstance(model, EmbeddingClassifier)  # checked above; for the type checker
+                        logits, emb = model.forward_with_embedding(inputs)
+                        embeddings.append(emb.float().cpu())
+                    else:
+                        logits = model(inputs)
                 for name, values in prediction_signals(logits, y, kind).items():
                     out[name].append(values.cpu())
+    embedding = None
+    if with_embeddings:
+        assert isinstance(model, EmbeddingClassifier)
+        embedding = (torch.cat(embeddings).numpy() if embeddings
+                     else np.empty((0, model.embedding_dim), np.float32))
     return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32)
-                          for f, v in out.items()})
+                          for f, v in out.items()}, embedding=embedding)
 
 
 def prediction_signals(logits: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:

@@ -6,8 +6,10 @@ One streaming Ray Data pipeline, never collected on the driver::
 
 Embedder actors load the subset model once; Extrapolator actors receive the scored
 subset's embeddings, ids, labels and scores once through the object store. The scored
-subset's own embeddings are computed first by the same Embedder (the subset is small)
-and saved, so every extrapolated score can be recomputed by brute force afterwards.
+subset's own embeddings and statistics (the references) come from the scoring run's last
+recording pass, which saw the subset with the same final model (a scoring run committed
+by an older rayprune has none: then the Embedder computes them first). They are saved,
+so every extrapolated score can be recomputed by brute force afterwards.
 """
 
 from __future__ import annotations
@@ -298,8 +300,26 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
     return ds.map_batches(Embedder, fn_constructor_kwargs=kwargs, batch_size=size, **args)
 
 
+def recorded_references(score: ScoreResult) -> pa.Table | None:
+    """The scored subset's references as the scoring run recorded them (id, label,
+    embedding, score and the final model's statistics), sorted by id; None when the run
+    recorded none (committed by an older rayprune)."""
+    files = sorted(score.references_dir.glob("rank_*.parquet")) if score.references_dir.is_dir() else []
+    if not files:
+        return None
+    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
+    scores = pq.read_table(score.scores_file)
+    if not np.array_equal(scores["id"].to_numpy(), table["id"].to_numpy()):
+        raise RuntimeError(f"the references in {score.references_dir} and the subset scores {score.scores_file} "
+                           "cover different ids")
+    signals = [name for name in table.column_names if name not in ("id", "label", "embedding")]
+    return pa.table({"id": table["id"], "label": table["label"], "embedding": table["embedding"],
+                     "score": scores["score"], **{name: table[name] for name in signals}})
+
+
 def embed_references(config, pool, split, score, plan) -> pa.Table:
-    """Embeddings of the scored subset (id, label, embedding, score), sorted by id."""
+    """Embeddings of the scored subset (id, label, embedding, score), sorted by id, from a
+    pass of the Embedder (for a scoring run that recorded none)."""
     ds = embed_rows(ray.data.read_parquet(str(split.subset_dir)), config, pool.info, score.model_file, plan, 1)
     ids, labels, embs, signals = [], [], [], {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -397,7 +417,11 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         measured = pq.read_table(score.scores_file)
         check_finite_scores(measured["id"].to_numpy(), measured["score"].to_numpy(),
                             f"subset scores {score.scores_file}")
-        refs_table = embed_references(config, pool, split, score, plan)
+        refs_table = recorded_references(score)
+        if refs_table is None:
+            logger.info("the scoring run in %s recorded no references (an older rayprune's): embedding the subset",
+                        score.references_dir.parent)
+            refs_table = embed_references(config, pool, split, score, plan)
         pq.write_table(refs_table, ref_file)
         refs = read_references(ref_file)
         probe = split_probe(len(refs["id"]), config.extrapolation.probe_fraction, config.split.seed)

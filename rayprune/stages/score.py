@@ -4,9 +4,13 @@ Each worker holds a fixed shard of the subset (every ``world``-th id in id order
 trains with DDP (gloo on CPU, NCCL on GPU) for ``epochs`` x ``steps_per_epoch``
 optimiser steps, and after every epoch records its shard's clean and adversarial
 true-class statistics to ``records/epoch_EEEE-rank_RRR.parquet`` (written atomically, so
-a repeated epoch overwrites rather than duplicates). A checkpoint is reported every epoch;
-rerunning the job resumes from the latest one. When training ends, the driver turns
-each shard's histories into scores, one shard at a time (memory bounded by a shard).
+a repeated epoch overwrites rather than duplicates). The last epoch's recording pass also
+keeps its shard's embeddings, from the same clean forward pass, next to its labels and
+statistics in ``references/rank_RRR.parquet``: the extrapolation's references, which then
+cost no pass of their own. A checkpoint is reported every epoch (after that epoch's files
+are written); rerunning the job resumes from the latest one. When training ends, the
+driver turns each shard's histories into scores, one shard at a time (memory bounded by a
+shard).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pyarrow.parquet as pq
 from rayprune.config import JobConfig
 from rayprune.errors import InputError
 from rayprune.robust.loop import BatchStream, IndexedBatches, train_steps
-from rayprune.robust.recording import RECORDED_FIELDS, record_predictions
+from rayprune.robust.recording import RECORDED_FIELDS, EpochRecord, record_predictions
 from rayprune.scoring.scores import score_from_histories
 from rayprune.stages.common import output_path, stage_for, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
@@ -63,6 +67,19 @@ def record_path(records_dir: Path, epoch: int, rank: int) -> Path:
     return records_dir / f"epoch_{epoch:04d}-rank_{rank:03d}.parquet"
 
 
+def references_path(references_dir: Path, rank: int) -> Path:
+    return references_dir / f"rank_{rank:03d}.parquet"
+
+
+def references_table(ids: np.ndarray, labels: np.ndarray, record: EpochRecord) -> pa.Table:
+    """One shard's references: id, label, the embedding and the recorded statistics."""
+    assert record.embedding is not None
+    dim = record.embedding.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(record.embedding.reshape(-1), pa.float32()), dim)
+    return pa.table({"id": ids, "label": labels, "embedding": embedding,
+                     **{f: getattr(record, f) for f in RECORDED_FIELDS}})
+
+
 @dataclass(frozen=True)
 class ScoringSpec:
     """The scoring run's workers' input: the shared training spec and where to write."""
@@ -70,6 +87,7 @@ class ScoringSpec:
     training: TrainingSpec
     records_dir: Path
     model_file: Path
+    references_dir: Path
 
 
 def scoring_loop(spec: ScoringSpec) -> None:
@@ -85,8 +103,12 @@ def scoring_loop(spec: ScoringSpec) -> None:
             steps=per_epoch, first_step=epoch * per_epoch, total_steps=per_epoch * epochs, generator=generator,
             scaler=w.scaler,
         )
+        last = epoch == epochs - 1
         record = record_predictions(w.raw, w.images, w.labels, w.attack, generator=generator,
-                                    batch_size=config.ray.inference_batch_size)
+                                    batch_size=config.ray.inference_batch_size, with_embeddings=last)
+        if last:  # before the epoch's record and checkpoint: a resumed run finds it written
+            write_table_atomic(references_table(w.ids, w.labels.cpu().numpy(), record),
+                               references_path(spec.references_dir, w.rank))
         table = pa.table({"id": w.ids, **{f: getattr(record, f) for f in RECORDED_FIELDS}})
         write_table_atomic(table, record_path(spec.records_dir, epoch, w.rank))
         metrics = {
@@ -121,6 +143,9 @@ class ScoreResult:
     training_steps: int
     history: list[dict]
     digest: str
+    #: ``rank_RRR.parquet`` per training worker (:func:`references_table`); empty or
+    #: missing for a scoring run committed by an older rayprune.
+    references_dir: Path
 
 
 def assemble_scores(config: JobConfig, records_dir: Path, world: int, epochs: int) -> pa.Table:
@@ -163,13 +188,14 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
     per_epoch = steps_per_epoch(config, split.n_real, split.n_pool)
     stage = stage_for(config, root, "score_subset", ("model", "attack", "train"), upstream={"split": split.digest},
                       facts={"training workers": plan.train_workers}, resumable=True)
-    records_dir, model_file = stage.dir / "records", stage.dir / MODEL_FILE
+    records_dir, model_file, references_dir = stage.dir / "records", stage.dir / MODEL_FILE, stage.dir / "references"
     scoring = config.scoring
     scores_file = output_path(stage.dir, f"{scoring.score}-{scoring.signal}-w{scoring.window}-{SCORES_FILE}")
     total_steps = per_epoch * config.train.epochs
     if stage.committed() is None:
         stage.begin()
         records_dir.mkdir(exist_ok=True)
+        references_dir.mkdir(exist_ok=True)
         logger.info(
             "scoring run: %d subset samples on %d worker(s), %d epochs x %d steps of global batch %d",
             len(split.subset_ids), plan.train_workers, config.train.epochs, per_epoch, config.train.batch_size,
@@ -178,7 +204,7 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             TrainingSpec(config, config.train, str(split.subset_dir), np.sort(split.subset_ids),
                          tuple(pool.info.image_shape), pool.info.num_classes, per_epoch,
                          plan.threads(plan.train_cpus_per_worker)),
-            records_dir, model_file,
+            records_dir, model_file, references_dir,
         )
         run_trainer(scoring_loop, spec, stage, plan, "scoring run", config.ray.storage_path)
         if not model_file.exists():
@@ -190,4 +216,4 @@ def run_score(config: JobConfig, pool: PoolRef, split: SplitResult, root: Path, 
             raise RuntimeError("subset scores do not cover exactly the subset ids")
         write_table_atomic(table, scores_file)
     return ScoreResult(model_file, scores_file, total_steps, read_epoch_metrics(records_dir, config.train.epochs),
-                       stage.input_digest)
+                       stage.input_digest, references_dir)
