@@ -300,21 +300,20 @@ def embed_rows(ds, config: JobConfig, info, model_file, plan: ResourcePlan, acto
     return ds.map_batches(Embedder, fn_constructor_kwargs=kwargs, batch_size=size, **args)
 
 
-def recorded_references(score: ScoreResult) -> pa.Table | None:
+def recorded_references(score: ScoreResult, measured: pa.Table) -> pa.Table | None:
     """The scored subset's references as the scoring run recorded them (id, label,
-    embedding, score and the final model's statistics), sorted by id; None when the run
-    recorded none (committed by an older rayprune)."""
+    embedding, the ``measured`` score and the final model's statistics), sorted by id;
+    None when the run recorded none (committed by an older rayprune)."""
     files = sorted(score.references_dir.glob("rank_*.parquet")) if score.references_dir.is_dir() else []
     if not files:
         return None
     table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
-    scores = pq.read_table(score.scores_file)
-    if not np.array_equal(scores["id"].to_numpy(), table["id"].to_numpy()):
+    if not np.array_equal(measured["id"].to_numpy(), table["id"].to_numpy()):
         raise RuntimeError(f"the references in {score.references_dir} and the subset scores {score.scores_file} "
                            "cover different ids")
     signals = [name for name in table.column_names if name not in ("id", "label", "embedding")]
     return pa.table({"id": table["id"], "label": table["label"], "embedding": table["embedding"],
-                     "score": scores["score"], **{name: table[name] for name in signals}})
+                     "score": measured["score"], **{name: table[name] for name in signals}})
 
 
 def embed_references(config, pool, split, score, plan) -> pa.Table:
@@ -417,7 +416,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         measured = pq.read_table(score.scores_file)
         check_finite_scores(measured["id"].to_numpy(), measured["score"].to_numpy(),
                             f"subset scores {score.scores_file}")
-        refs_table = recorded_references(score)
+        refs_table = recorded_references(score, measured)
         if refs_table is None:
             logger.info("the scoring run in %s recorded no references (an older rayprune's): embedding the subset",
                         score.references_dir.parent)
