@@ -127,7 +127,18 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_mlflow_server(directory: Path):
     """A real `mlflow server` on loopback with its stores in ``directory``; yields (tracking
-    URI, artifact directory) and stops the server's whole process group on exit."""
+    URI, artifact directory) once it answers, and stops the server's whole process group on exit."""
+    with starting_mlflow_server(directory) as (uri, artifacts, wait_until_ready):
+        wait_until_ready()
+        yield uri, artifacts
+
+
+@contextlib.contextmanager
+def starting_mlflow_server(directory: Path):
+    """:func:`running_mlflow_server` that yields as soon as the server is launched, with a
+    function that waits until it answers: a caller can start other services (a Ray head)
+    while the server starts (about 10 s here, mostly imports). Yields (tracking URI,
+    artifact directory, wait_until_ready)."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log_path = directory / "mlflow-server.log"
@@ -139,19 +150,22 @@ def running_mlflow_server(directory: Path):
          "--artifacts-destination", str(directory / "art")],
         cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 60
+    started = time.monotonic()
+
+    def wait_until_ready() -> None:
         while True:
             assert server.poll() is None, log_path.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not answer /health within 60 s"
+            assert time.monotonic() < started + 60, "mlflow server did not answer /health within 60 s"
             time.sleep(0.3)
-        yield uri, directory / "art"
+
+    try:
+        yield uri, directory / "art", wait_until_ready
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import TINY_JOB, job_flags, ray_head, running_mlflow_server, with_venv_path
+from conftest import TINY_JOB, job_flags, ray_head, starting_mlflow_server, with_venv_path
 
 from rayprune.choices import AUTOATTACK
 from rayprune.config import load_config
@@ -41,8 +41,10 @@ def job(tmp_path_factory):
     out = base / "out"
     options = {**TINY_JOB, "output_dir": str(out), "tracking.enabled": "true", "final.compare_random": "true",
                "final.data_loading": "stream", "final.shuffle_buffer": 64, "publish_uri": str(base / "published")}
-    with running_mlflow_server(base) as (uri, _):  # for the whole module: the tests read the tracked runs
+    # The server for the whole module (the tests read the tracked runs), started beside the head.
+    with starting_mlflow_server(base) as (uri, _, mlflow_ready):
         with ray_head(base) as (dashboard, gcs_address):
+            mlflow_ready()
             job = _submit_and_rerun(base, out, options, uri, dashboard, gcs_address)
         yield job
 
