@@ -35,7 +35,9 @@ def _overrides(cluster, out) -> dict:
     # remove a node while it runs. The simulated nodes share this machine's cores, so one
     # torch thread per embedding actor.
     # kNN extrapolation here: the learned path is checked in test_pipeline.py, this keeps the kNN actors covered.
+    # Two DDP workers (2 CPUs each: one per worker node) for the scoring run, so it runs sharded.
     return {**TINY_JOB, "output_dir": str(out), "ray.address": cluster.address, "ray.embed_actors": 2,
+            "ray.train_workers": 2,
             "extrapolation.model": "knn",
             "ray.embed_threads": 1, "final.enabled": "false", "pool.demo.n_synthetic": 5850,
             "ray.inference_batch_size": 128}
@@ -57,6 +59,25 @@ def test_pool_blocks_are_embedded_on_more_than_one_node(first_run):
     assert sum(per_node.values()) == 6000
     ids = pads.dataset(summary.outputs["scores"], format="parquet").to_table(columns=["id"])["id"].to_numpy()
     np.testing.assert_array_equal(np.sort(ids), np.arange(6000))
+
+
+def test_the_scoring_run_trains_two_shards_and_records_each_ones_references(first_run):
+    """Two DDP workers each hold every other scored id (in id order), record their shard
+    every epoch and their references in the last; together they cover the subset once."""
+    out, summary = first_run
+    subset = np.sort(pq.read_table(out / "split" / "subset_ids.parquet")["id"].to_numpy())
+    assert summary.scored == len(subset) > 1000  # 20% of the 5850 synthetic rows
+    for epoch in range(TINY_JOB["train.epochs"]):
+        shards = [pq.read_table(out / "score_subset" / "records" / f"epoch_{epoch:04d}-rank_{rank:03d}.parquet")
+                  ["id"].to_numpy() for rank in (0, 1)]
+        for rank, shard in enumerate(shards):
+            np.testing.assert_array_equal(shard, subset[rank::2])
+    references = [pq.read_table(out / "score_subset" / "references" / f"rank_{rank:03d}.parquet") for rank in (0, 1)]
+    for rank, table in enumerate(references):
+        np.testing.assert_array_equal(table["id"].to_numpy(), subset[rank::2])
+    saved = pq.read_table(summary.outputs["subset_embeddings"])
+    np.testing.assert_array_equal(saved["id"].to_numpy(), subset)
+    assert not (out / "score_subset" / "records" / "epoch_0000-rank_002.parquet").exists()
 
 
 def test_job_waits_for_the_workers_it_asks_the_autoscaler_for(cluster):

@@ -104,6 +104,7 @@ def scoring_loop(spec: ScoringSpec) -> None:
             scaler=w.scaler,
         )
         last = epoch == epochs - 1
+        w.share_rank0_buffers()  # every shard recorded by the model rank 0 checkpoints and saves
         record = record_predictions(w.raw, w.images, w.labels, w.attack, generator=generator,
                                     batch_size=config.ray.inference_batch_size, with_embeddings=last)
         if last:  # before the epoch's record and checkpoint: a resumed run finds it written

@@ -314,6 +314,23 @@ class Worker:
     def batch_size(self) -> int:
         return max(1, self.spec.recipe.batch_size // self.world)
 
+    def share_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics).
+
+        DDP broadcasts them from rank 0 at the start of each training forward pass, but
+        each rank then updates its own copy with its own batch, so after a step they
+        differ a little between ranks. Inference in eval mode (the recording pass) uses
+        them: without this, each shard would be recorded by a slightly different model
+        than the one checkpointed and saved (rank 0's), and a resumed run (every rank
+        restored from rank 0's checkpoint) would record differently from one never
+        interrupted. A no-op on one worker."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for buffer in self.raw.buffers():
+                    dist.broadcast(buffer, src=0)
+
     @property
     def stream_seed(self) -> int:
         return self.spec.recipe.seed * 1000 + self.rank
