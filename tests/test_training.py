@@ -166,3 +166,44 @@ def test_worker_rows_decoded_in_chunks_equal_the_rows_decoded_by_hand(tmp_path):
     every = load_rows(regrouped, np.arange(200)[::-1], (8, 8, 3), batch_rows=5)  # whole batches wanted
     np.testing.assert_array_equal(every[1][::-1], np.stack(
         [np.frombuffer(b, np.uint8).reshape(8, 8, 3) for b in table.column("image").to_pylist()]))
+
+
+def _share_buffers_on_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from rayprune.stages.training import share_rank0_buffers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same parameters on every rank, as DDP keeps them
+        model = build_model("small_cnn", num_classes=3, width=8)
+        with torch.no_grad():
+            for i, buffer in enumerate(model.buffers()):  # rank-local statistics, as after a DDP step
+                buffer.fill_(10 * rank + i) if buffer.is_floating_point() else buffer.fill_(rank + 1)
+        share_rank0_buffers(model, world)
+        torch.save({"buffers": [b.clone() for b in model.buffers()],
+                    "params": [p.detach().clone() for p in model.parameters()]}, f"{out_dir}/rank_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_rank_0s_batch_norm_statistics(tmp_path):
+    """Two gloo processes with different buffers: afterwards both hold rank 0's (the
+    values rank 0 set, integer counters included), and no parameter moved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_share_buffers_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(zero["buffers"]) >= 3  # small_cnn has batch norm: running mean, var and count
+    for i, (a, b) in enumerate(zip(zero["buffers"], one["buffers"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        expected = float(i) if a.is_floating_point() else 1.0  # what rank 0 wrote
+        assert torch.all(a == expected), (i, a)
+    for a, b in zip(zero["params"], one["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    from rayprune.stages.training import share_rank0_buffers
+
+    model = build_model("small_cnn", num_classes=3, width=8)
+    before = [b.clone() for b in model.buffers()]
+    share_rank0_buffers(model, 1)  # one worker: nothing to share, no process group needed
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))

@@ -224,7 +224,9 @@ def final_loop(spec: FinalSpec) -> None:
                             first_step=epoch * per_epoch, total_steps=per_epoch * epochs, ema=ema,
                             generator=w.generator(epoch), scaler=w.scaler)
         train_seconds = time.perf_counter() - started
-        # Same EMA weights and seed on every rank, so every rank computes the same value.
+        # Same EMA weights (its batch-norm statistics too: rank 0's) and seed on every rank, so
+        # every rank computes the same value and takes the same early-stopping decision.
+        w.share_rank0_buffers(ema.module)
         val_acc = _val_robust_accuracy(ema.module, val_images, val_labels, val_attack,
                                        config.ray.inference_batch_size, seed=epoch)
         improved = not math.isnan(val_acc) and val_acc > state["best_acc"]

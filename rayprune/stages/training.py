@@ -314,26 +314,31 @@ class Worker:
     def batch_size(self) -> int:
         return max(1, self.spec.recipe.batch_size // self.world)
 
-    def share_rank0_buffers(self) -> None:
-        """Give every rank rank 0's buffers (batch-norm running statistics).
-
-        DDP broadcasts them from rank 0 at the start of each training forward pass, but
-        each rank then updates its own copy with its own batch, so after a step they
-        differ a little between ranks. Inference in eval mode (the recording pass) uses
-        them: without this, each shard would be recorded by a slightly different model
-        than the one checkpointed and saved (rank 0's), and a resumed run (every rank
-        restored from rank 0's checkpoint) would record differently from one never
-        interrupted. A no-op on one worker."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                for buffer in self.raw.buffers():
-                    dist.broadcast(buffer, src=0)
+    def share_rank0_buffers(self, module: torch.nn.Module | None = None) -> None:
+        """:func:`share_rank0_buffers` for ``module`` (default: the raw model)."""
+        share_rank0_buffers(self.raw if module is None else module, self.world)
 
     @property
     def stream_seed(self) -> int:
         return self.spec.recipe.seed * 1000 + self.rank
+
+
+def share_rank0_buffers(module: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers of ``module`` (batch-norm running statistics).
+
+    DDP broadcasts them from rank 0 at the start of each training forward pass, but each
+    rank then updates its own copy with its own batch, so after a step they differ a
+    little between ranks. Inference in eval mode uses them: without this, each rank's
+    recording pass (or validation of the EMA model, which copies them) would use a
+    slightly different model than the one rank 0 checkpoints and saves, and a resumed run
+    (every rank restored from rank 0's checkpoint) would differ from one never
+    interrupted. Call it on every rank at the same point; a no-op on one worker."""
+    if world > 1:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def start_worker(spec: TrainingSpec) -> Worker:
