@@ -66,8 +66,11 @@ def record_predictions(
         raise ValueError(f"images and labels must have the same length; got {len(images)} and {len(labels)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if with_embeddings and not isinstance(model, EmbeddingClassifier):
-        raise TypeError(f"with_embeddings needs an EmbeddingClassifier; got {type(model).__name__}")
+    embedder: EmbeddingClassifier | None = None
+    if with_embeddings:
+        if not isinstance(model, EmbeddingClassifier):
+            raise TypeError(f"with_embeddings needs an EmbeddingClassifier; got {type(model).__name__}")
+        embedder = model
     ce_attack = dataclasses.replace(attack, loss="ce")
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {f: [] for f in RECORDED_FIELDS}
@@ -79,19 +82,17 @@ def record_predictions(
             x_adv = pgd_attack(model, x, y, ce_attack, generator=generator)
             for kind, inputs in (("clean", x), ("adv", x_adv)):
                 with torch.no_grad():
-                    if with_embeddings and kind == "clean":
-                        assert isinstance(model, EmbeddingClassifier)  # checked above; for the type checker
-                        logits, emb = model.forward_with_embedding(inputs)
+                    if embedder is not None and kind == "clean":
+                        logits, emb = embedder.forward_with_embedding(inputs)
                         embeddings.append(emb.float().cpu())
                     else:
                         logits = model(inputs)
                 for name, values in prediction_signals(logits, y, kind).items():
                     out[name].append(values.cpu())
     embedding = None
-    if with_embeddings:
-        assert isinstance(model, EmbeddingClassifier)
+    if embedder is not None:
         embedding = (torch.cat(embeddings).numpy() if embeddings
-                     else np.empty((0, model.embedding_dim), np.float32))
+                     else np.empty((0, embedder.embedding_dim), np.float32))
     return EpochRecord(**{f: torch.cat(v).numpy().astype(np.float32) if v else np.empty(0, np.float32)
                           for f, v in out.items()}, embedding=embedding)
 

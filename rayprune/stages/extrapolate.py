@@ -48,7 +48,7 @@ from rayprune.scoring.scores import SCORE_DIRECTIONS
 from rayprune.stages.common import fresh_dir, stage_for, swap_in, write_json_atomic
 from rayprune.stages.prepare import PoolRef, SplitResult
 from rayprune.stages.resources import ResourcePlan
-from rayprune.stages.score import ScoreResult
+from rayprune.stages.score import ScoreResult, embedding_column
 from rayprune.stages.training import attack_from_config, load_model_file, write_table_atomic
 from rayprune.validation import check_finite_scores
 
@@ -316,9 +316,9 @@ def recorded_references(score: ScoreResult, measured: pa.Table) -> pa.Table | No
                      "score": measured["score"], **{name: table[name] for name in signals}})
 
 
-def embed_references(config, pool, split, score, plan) -> pa.Table:
-    """Embeddings of the scored subset (id, label, embedding, score), sorted by id, from a
-    pass of the Embedder (for a scoring run that recorded none)."""
+def embed_references(config, pool, split, score, plan, measured: pa.Table) -> pa.Table:
+    """Embeddings of the scored subset (id, label, embedding, the ``measured`` score), sorted
+    by id, from a pass of the Embedder (for a scoring run that recorded none)."""
     ds = embed_rows(ray.data.read_parquet(str(split.subset_dir)), config, pool.info, score.model_file, plan, 1)
     ids, labels, embs, signals = [], [], [], {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -329,14 +329,12 @@ def embed_references(config, pool, split, score, plan) -> pa.Table:
             signals.setdefault(name, []).append(np.asarray(batch[name], dtype=np.float32))
     ids, labels, embs = np.concatenate(ids), np.concatenate(labels), np.concatenate(embs)
     order = np.argsort(ids)
-    scores = pq.read_table(score.scores_file)
-    if not np.array_equal(scores["id"].to_numpy(), ids[order]):
+    if not np.array_equal(measured["id"].to_numpy(), ids[order]):
         raise RuntimeError("subset embeddings and subset scores cover different ids")
-    dim = embs.shape[1]
     return pa.table({
         "id": ids[order], "label": labels[order],
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embs[order].reshape(-1)), dim),
-        "score": scores["score"],
+        "embedding": embedding_column(embs[order]),
+        "score": measured["score"],
         **{name: np.concatenate(parts)[order] for name, parts in signals.items()},
     })
 
@@ -420,7 +418,7 @@ def run_extrapolate(config: JobConfig, pool: PoolRef, split: SplitResult, score:
         if refs_table is None:
             logger.info("the scoring run in %s recorded no references (an older rayprune's): embedding the subset",
                         score.references_dir.parent)
-            refs_table = embed_references(config, pool, split, score, plan)
+            refs_table = embed_references(config, pool, split, score, plan, measured)
         pq.write_table(refs_table, ref_file)
         refs = read_references(ref_file)
         probe = split_probe(len(refs["id"]), config.extrapolation.probe_fraction, config.split.seed)

@@ -51,6 +51,7 @@ from rayprune.stages.training import (
     resume,
     run_trainer,
     save_model_file,
+    share_rank0_buffers,
     start_worker,
 )
 
@@ -226,7 +227,7 @@ def final_loop(spec: FinalSpec) -> None:
         train_seconds = time.perf_counter() - started
         # Same EMA weights (its batch-norm statistics too: rank 0's) and seed on every rank, so
         # every rank computes the same value and takes the same early-stopping decision.
-        w.share_rank0_buffers(ema.module)
+        share_rank0_buffers(ema.module, w.world)
         val_acc = _val_robust_accuracy(ema.module, val_images, val_labels, val_attack,
                                        config.ray.inference_batch_size, seed=epoch)
         improved = not math.isnan(val_acc) and val_acc > state["best_acc"]

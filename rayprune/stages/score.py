@@ -39,6 +39,7 @@ from rayprune.stages.training import (
     resume,
     run_trainer,
     save_model_file,
+    share_rank0_buffers,
     start_worker,
     write_table_atomic,
 )
@@ -71,12 +72,15 @@ def references_path(references_dir: Path, rank: int) -> Path:
     return references_dir / f"rank_{rank:03d}.parquet"
 
 
+def embedding_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """``(N, D)`` float32 embeddings as the references' fixed-size list column."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1])
+
+
 def references_table(ids: np.ndarray, labels: np.ndarray, record: EpochRecord) -> pa.Table:
     """One shard's references: id, label, the embedding and the recorded statistics."""
     assert record.embedding is not None
-    dim = record.embedding.shape[1]
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(record.embedding.reshape(-1), pa.float32()), dim)
-    return pa.table({"id": ids, "label": labels, "embedding": embedding,
+    return pa.table({"id": ids, "label": labels, "embedding": embedding_column(record.embedding),
                      **{f: getattr(record, f) for f in RECORDED_FIELDS}})
 
 
@@ -104,7 +108,7 @@ def scoring_loop(spec: ScoringSpec) -> None:
             scaler=w.scaler,
         )
         last = epoch == epochs - 1
-        w.share_rank0_buffers()  # every shard recorded by the model rank 0 checkpoints and saves
+        share_rank0_buffers(w.raw, w.world)  # every shard recorded by the model rank 0 checkpoints and saves
         record = record_predictions(w.raw, w.images, w.labels, w.attack, generator=generator,
                                     batch_size=config.ray.inference_batch_size, with_embeddings=last)
         if last:  # before the epoch's record and checkpoint: a resumed run finds it written

@@ -314,10 +314,6 @@ class Worker:
     def batch_size(self) -> int:
         return max(1, self.spec.recipe.batch_size // self.world)
 
-    def share_rank0_buffers(self, module: torch.nn.Module | None = None) -> None:
-        """:func:`share_rank0_buffers` for ``module`` (default: the raw model)."""
-        share_rank0_buffers(self.raw if module is None else module, self.world)
-
     @property
     def stream_seed(self) -> int:
         return self.spec.recipe.seed * 1000 + self.rank
