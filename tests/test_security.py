@@ -110,8 +110,9 @@ def test_pool_file_names_cannot_leave_the_pool(tmp_path):
 
 
 # Runs in a fresh process with the product's defaults (token auth on, no RAY_ADDRESS):
-# starts the job's local Ray, lists every new listening TCP socket with its owning
-# process, and tries to join the cluster from a second process that has no token.
+# starts the job's local Ray, lists every new listening TCP socket of the processes it
+# started (other programs on the machine may open sockets meanwhile), and tries to join
+# the cluster from a second process that has no token.
 _PROBE = """
 import json, os, subprocess, sys
 from rayprune.config import RaySection
@@ -127,9 +128,29 @@ def listeners():
                     out[cols[9]] = cols[1]  # inode -> hex address:port
     return out
 
+def parents():
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out[pid] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue  # the process ended
+    return out
+
+def descendants():
+    # This process and its descendants: the local Ray it starts, and nothing else on the
+    # machine (another Ray, an MLflow server of a test running beside this one).
+    tree, mine = parents(), {str(os.getpid())}
+    grew = True
+    while grew:
+        new = {pid for pid, parent in tree.items() if parent in mine and pid not in mine}
+        mine |= new
+        grew = bool(new)
+    return mine
+
 def owners(inodes):
     named = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in descendants():
         try:
             name = open(f"/proc/{pid}/comm").read().strip()
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -151,9 +172,9 @@ ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
 now = listeners()
 new = {inode: addr for inode, addr in now.items() if addr not in before}
 names = owners(set(new))
-still = listeners()  # a socket whose owner could not be read may have closed meanwhile
-new = {inode: addr for inode, addr in new.items() if inode in names or inode in still}
-names.update(owners(set(new) - set(names)))
+names.update(owners(set(new) - set(names)))  # a second look for sockets of processes that started meanwhile
+new = {inode: addr for inode, addr in new.items() if inode in names}  # this probe's, not other programs'
+dashboard_port = int(ray.init(ignore_reinit_error=True).dashboard_url.rsplit(":", 1)[1])
 gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
 joiner = f"import ray; ray.init(address='{ray.util.get_node_ip_address()}:{gcs_port}')"
 env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -162,7 +183,7 @@ env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
 env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH="/nonexistent", RAY_NUM_REDIS_GET_RETRIES="1")
 joined = subprocess.run([sys.executable, "-c", joiner], capture_output=True, text=True, env=env, timeout=120)
 print(json.dumps({"listeners": [[addr, names.get(inode, "?")] for inode, addr in new.items()],
-                  "dashboard_port": 8265, "join_rc": joined.returncode, "join_err": joined.stderr[-600:]}))
+                  "dashboard_port": dashboard_port, "join_rc": joined.returncode, "join_err": joined.stderr[-600:]}))
 ray.shutdown()
 """
 
