@@ -108,21 +108,26 @@ def _parent_pids() -> dict[str, str]:
     return parents
 
 
-def _ray_worker_pids(root: str | None = None) -> list[str]:
-    """Ray worker processes (``ray::...``) descended from ``root`` (default: this process).
+def ray_worker_pids(root: str | None = None, title_contains: str = "") -> list[str]:
+    """Ray worker processes (``ray::...``) descended from ``root`` (default: this process)
+    whose process title contains ``title_contains`` (an actor's class name, say).
 
     A local Ray instance's raylet is this driver's child and its workers the raylet's, so
     another Ray instance on the machine (another benchmark, a parallel test) is not counted.
+    Reading /proc takes milliseconds and needs no Ray service (the state API can take
+    seconds on a busy machine).
     """
     root = root or str(os.getpid())
+    wanted = title_contains.encode()
     parents = _parent_pids()
     pids = []
     for pid in parents:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read(5) != b"ray::":
-                    continue
+                title = f.read(256)
         except OSError:
+            continue
+        if not title.startswith(b"ray::") or wanted not in title:
             continue
         ancestor, seen = parents.get(pid), set()
         while ancestor and ancestor not in seen and ancestor != root:
@@ -153,7 +158,7 @@ class WorkerMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            sizes = [memory_mib(p) for p in (self.pids or _ray_worker_pids())]
+            sizes = [memory_mib(p) for p in (self.pids or ray_worker_pids())]
             if sizes:
                 self.peak_total = max(self.peak_total, sum(rss for rss, _ in sizes))
                 self.peak_single = max(self.peak_single, max(rss for rss, _ in sizes))
