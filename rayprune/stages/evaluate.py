@@ -25,6 +25,7 @@ import ray
 import torch
 
 from rayprune import storage
+from rayprune.allocator import reuse_freed_memory
 from rayprune.config import ConfigError, JobConfig
 from rayprune.data.pool import decode_images
 from rayprune.robust.evaluation import (
@@ -79,6 +80,7 @@ class Evaluator:
     """Ray actor: the final model, loaded once, evaluated on shards of the test set."""
 
     def __init__(self, config: JobConfig, model_file: str, num_classes: int, in_channels: int, threads: int) -> None:
+        reuse_freed_memory()
         torch.set_num_threads(threads)
         self.config = config
         self.model = load_model_file(self.config, model_file, num_classes, in_channels).eval()

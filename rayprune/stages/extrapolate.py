@@ -29,6 +29,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayprune import storage
+from rayprune.allocator import reuse_freed_memory
 from rayprune.config import ConfigError, JobConfig
 from rayprune.data.pool import decode_images
 from rayprune.robust.recording import embed_with_signals
@@ -88,6 +89,7 @@ class Embedder:
 
     def __init__(self, config: JobConfig, model_file: str, num_classes: int, image_shape: list, threads: int,
                  use_gpu: bool, tally=None, attack=None) -> None:
+        reuse_freed_memory()
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model_file(config, model_file, num_classes, image_shape[2], self.device).eval()

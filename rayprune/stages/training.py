@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rayprune import storage
+from rayprune.allocator import reuse_freed_memory
 from rayprune.config import JobConfig, TrainSection
 from rayprune.data.pool import decode_images
 from rayprune.errors import InputError, one_line
@@ -348,6 +349,7 @@ def start_worker(spec: TrainingSpec) -> Worker:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    reuse_freed_memory()  # before the rows load: a step's activations then stay mapped between steps
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     ids, images, labels, sources = load_float_rows(spec.source, shard_ids(spec.train_ids, rank, world),
