@@ -17,7 +17,6 @@ musl) are left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger(__name__)
@@ -33,23 +32,28 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 1024 * 2**20
 
 
+def _glibc():
+    """This process's C library if it is glibc (another libc's mallopt may number its
+    parameters differently), else None. Looked up among the symbols the process already
+    has loaded: no subprocess (``ctypes.util.find_library`` runs ``ldconfig``)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it: the lookup is the check
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def reuse_freed_memory() -> bool:
     """Set this process's glibc malloc thresholds (see the module docstring); True if set.
 
     Process-wide and idempotent; call it at the start of a worker or actor that trains,
     attacks or embeds on the CPU. Without glibc it does nothing and returns False.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        # gnu_get_libc_version exists only in glibc: another libc's mallopt may number its
-        # parameters differently.
-        libc.gnu_get_libc_version  # noqa: B018 - the lookup is the check
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not done:

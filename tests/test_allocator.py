@@ -1,6 +1,5 @@
 """The malloc thresholds keep freed activation-sized blocks mapped: counted by the kernel."""
 
-import ctypes.util
 import json
 import subprocess
 import sys
@@ -36,12 +35,8 @@ print(json.dumps({"default": default, "applied": applied, "tuned": faults_per_ro
 """
 
 
-def _glibc() -> bool:
-    name = ctypes.util.find_library("c")
-    return name is not None and hasattr(ctypes.CDLL(name), "gnu_get_libc_version")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc's malloc on Linux only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator._glibc() is None,
+                    reason="glibc's malloc on Linux only")
 def test_freed_blocks_stay_mapped_for_the_next_step():
     run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -54,5 +49,8 @@ def test_freed_blocks_stay_mapped_for_the_next_step():
 
 
 def test_without_glibc_nothing_is_set(monkeypatch):
-    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
+    def no_glibc_symbol(name):
+        raise OSError(f"{name}: no such library")  # what ctypes raises where dlopen fails
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", no_glibc_symbol)
     assert allocator.reuse_freed_memory() is False
