@@ -138,6 +138,62 @@ def ray_worker_pids(root: str | None = None, title_contains: str = "") -> list[s
     return pids
 
 
+def _descendants(root: str, parents: dict[str, str]) -> list[str]:
+    """``root`` and every process below it in ``parents`` (pid -> parent pid)."""
+    children: dict[str, list[str]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _cpu_seconds(stat_file: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (of a process or a thread)."""
+    with open(stat_file) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(threads_of: str = "RayTrainWorker") -> dict[str, tuple[str, float, dict[str, float]]]:
+    """CPU seconds used so far by this process and every process below it (a local Ray's
+    raylet, GCS and workers among them): ``{pid: (title, seconds, threads)}``, where
+    ``threads`` (thread id -> seconds) is filled for processes whose title contains
+    ``threads_of`` only. Linux-only (reads /proc); empty elsewhere."""
+    if not os.path.isdir("/proc"):
+        return {}
+    snapshot = {}
+    for pid in _descendants(str(os.getpid()), _parent_pids()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read(256).split(b"\0")[0].decode(errors="replace")
+            threads = {}
+            if threads_of and threads_of in title:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError, IndexError):
+                        threads[tid] = _cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+            snapshot[pid] = (title, _cpu_seconds(f"/proc/{pid}/stat"), threads)
+        except (OSError, IndexError):
+            continue  # the process ended while being read
+    return snapshot
+
+
+def cores_between(before: dict, after: dict, seconds: float) -> tuple[dict[str, float], list[float]]:
+    """Cores used between two :func:`cpu_snapshot` calls ``seconds`` apart: summed by
+    process title, and per thread of the processes whose threads were read (busiest
+    first). Processes that started in between count from zero."""
+    by_title: dict[str, float] = {}
+    threads: list[float] = []
+    for pid, (title, used, thread_used) in after.items():
+        _, used_before, threads_before = before.get(pid, (title, 0.0, {}))
+        by_title[title] = by_title.get(title, 0.0) + (used - used_before) / seconds
+        threads += [(v - threads_before.get(tid, 0.0)) / seconds for tid, v in thread_used.items()]
+    return by_title, sorted(threads, reverse=True)
+
+
 class WorkerMemorySampler:
     """Samples the resident memory of this driver's local Ray workers (``ray::...``).
 

@@ -19,7 +19,10 @@ before training) and ``stream`` (the synthetic part streams from Ray Data). Meas
   readers; the largest single process is the training worker) and of the driver, while
   the stage runs: flat with the pool for the streamed path, growing for in-memory. RSS
   also counts the object store's shared pages a process has read blocks from, so the
-  largest worker's private (anonymous) memory is reported beside it.
+  largest worker's private (anonymous) memory is reported beside it;
+* where the CPU goes in a steady epoch (the second; read from /proc): the training
+  worker's cores and its busiest threads (the torch threads), Ray Data's processes (what
+  the stream costs) and everything else (the driver and Ray's own processes).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import threading
+import time
 from pathlib import Path
 
-from benchmarks.common import demo_pool, local_ray, pool_mib, timed_with_memory
+from benchmarks.common import cores_between, cpu_snapshot, demo_pool, local_ray, pool_mib, timed_with_memory
 from benchmarks.report import BenchResult, Comparison
 from rayprune.config import load_config
 
@@ -44,6 +49,62 @@ PRESETS = {
              "steps": 60, "batch_size": 128, "repeats": 3},
 }
 LOADINGS = ("memory", "stream")
+#: Ray Data's own processes in a streamed run. A read task's worker is titled by its task
+#: while it runs and ``ray::IDLE`` after, when its CPU counts as "other" (a small
+#: undercount: 0.01 of a core at 1M rows); Ray Data's stats actor serves every dataset of
+#: the session and is left out too.
+STREAM_PROCESSES = ("SplitCoordinator", "ReadParquet", "MapBatches")
+
+
+class SecondEpochCPU:
+    """Cores this driver's processes use during a training run's second epoch (steady
+    state): from the first checkpoint Ray Train writes under ``train_dir`` to the second.
+    A context manager around the run; :meth:`fields` is empty if the run wrote fewer than
+    two checkpoints."""
+
+    def __init__(self, train_dir: Path, poll: float = 0.02) -> None:
+        self.train_dir, self.poll = train_dir, poll
+        self.window: tuple[float, dict[str, float], list[float]] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _checkpoints(self) -> int:
+        if not self.train_dir.is_dir():
+            return 0
+        return sum(1 for p in self.train_dir.glob("checkpoint_*") if p.is_dir())
+
+    def _wait_for(self, count: int) -> bool:
+        while self._checkpoints() < count:
+            if self._stop.wait(self.poll):
+                return False
+        return True
+
+    def _run(self) -> None:
+        if not self._wait_for(1):
+            return
+        before, started = cpu_snapshot(), time.monotonic()
+        if not self._wait_for(2):
+            return
+        seconds = time.monotonic() - started
+        self.window = (seconds, *cores_between(before, cpu_snapshot(), seconds))
+
+    def __enter__(self) -> SecondEpochCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def fields(self) -> dict:
+        if self.window is None:
+            return {}
+        seconds, by_title, threads = self.window
+        worker = sum(v for t, v in by_title.items() if "RayTrainWorker" in t)
+        stream = sum(v for t, v in by_title.items() if any(name in t for name in STREAM_PROCESSES))
+        return {"epoch2_seconds": seconds, "epoch2_worker_cores": worker, "epoch2_worker_thread_cores": threads[:4],
+                "epoch2_stream_cores": stream, "epoch2_other_cores": sum(by_title.values()) - worker - stream,
+                "epoch2_cores_by_process": {t[:60]: round(v, 3) for t, v in by_title.items() if v >= 0.005}}
 
 
 def measure(pool_dir: Path, loading: str, p: dict, workdir: Path, repeat: int = 0) -> dict:
@@ -61,8 +122,9 @@ def measure(pool_dir: Path, loading: str, p: dict, workdir: Path, repeat: int = 
     root.mkdir(parents=True)
     pool = open_pool(pool_dir)
     plan = plan_resources(config.ray)
-    result, seconds, memory = timed_with_memory(
-        lambda: run_final(config, pool, pool_dir, {"benchmark": loading}, root, plan))
+    with SecondEpochCPU(root / "final_train" / "train") as cpu:
+        result, seconds, memory = timed_with_memory(
+            lambda: run_final(config, pool, pool_dir, {"benchmark": loading}, root, plan))
     steady = result.history[1:] or result.history
     per_epoch_samples = p["steps"] * p["batch_size"]
     return {"rows": pool.info.num_rows, "loading": result.data_loading, "repeat": repeat, "seconds": seconds,
@@ -70,7 +132,7 @@ def measure(pool_dir: Path, loading: str, p: dict, workdir: Path, repeat: int = 
             "losses": [h["loss"] for h in result.history], **memory, "pool_mib": pool_mib(pool_dir),
             # Per epoch: the optimiser steps' seconds and, streamed, how many of them waited for batches.
             "train_seconds": [h["train_seconds"] for h in result.history],
-            "stream_wait_seconds": [h.get("stream_wait_seconds") for h in result.history]}
+            "stream_wait_seconds": [h.get("stream_wait_seconds") for h in result.history], **cpu.fields()}
 
 
 def run(preset: str, workdir: Path) -> BenchResult:
@@ -84,9 +146,11 @@ def run(preset: str, workdir: Path) -> BenchResult:
                     row = measure(pool_dir, loading, p, workdir, repeat)
                     result.rows.append(row)
                     logger.info("streaming: %d rows, %s (repeat %d): %.0f samples/s, worker peak %.0f MiB, "
-                                "driver peak %.0f MiB, losses %s", n, loading, repeat, row["samples_per_s"],
+                                "driver peak %.0f MiB, losses %s, epoch 2 cores: worker %.2f, stream %.2f, "
+                                "other %.2f", n, loading, repeat, row["samples_per_s"],
                                 row["worker_peak_single_mib"], row["driver_peak_mib"],
-                                json.dumps([round(v, 3) for v in row["losses"]]))
+                                json.dumps([round(v, 3) for v in row["losses"]]),
+                                *(row.get(f"epoch2_{k}_cores", float("nan")) for k in ("worker", "stream", "other")))
     rows = {(r["rows"], r["loading"]): r for r in result.rows if r["repeat"] == 0}
     small, big = p["sizes"][0], p["sizes"][-1]
     mem, stream = rows[(big, "memory")], rows[(big, "stream")]
@@ -114,11 +178,27 @@ def run(preset: str, workdir: Path) -> BenchResult:
     result.notes.append(f"loss per epoch at {big:,} rows, in memory {[round(v, 3) for v in mem['losses']]}, "
                         f"streamed {[round(v, 3) for v in stream['losses']]} (largest gap {max(gaps):.3f}; the "
                         "batches differ, so equal within noise, not exactly)")
+    result.notes.append(cpu_note([r for r in result.rows if r["rows"] == big]))
     result.notes.append("memory is resident set size sampled every 0.25 s from /proc (a lower bound on peaks), "
                         "which counts the pages of Ray's shared-memory object store a process reads blocks from; "
                         "private memory is the anonymous part (RssAnon) alone; "
                         f"a fixed real part of {p['n_real']} rows stays in memory on both paths")
     return result
+
+
+def cpu_note(rows: list[dict]) -> str:
+    """Where one size's CPU went in the second epoch, each path's median over its repeats."""
+    parts = []
+    for loading in LOADINGS:
+        measured = [r for r in rows if r["loading"] == loading and "epoch2_worker_cores" in r]
+        if not measured:
+            parts.append(f"{loading}: not measured (fewer than two checkpoints)")
+            continue
+        med = {k: statistics.median(r[f"epoch2_{k}_cores"] for r in measured) for k in ("worker", "stream", "other")}
+        parts.append(f"{loading}: training worker {med['worker']:.2f}, Ray Data {med['stream']:.2f}, "
+                     f"driver and Ray's own processes {med['other']:.2f}")
+    return (f"cores used in the second epoch at {rows[0]['rows']:,} rows (median over repeats; what the stream costs "
+            "is its Ray Data share): " + "; ".join(parts))
 
 
 def throughput_comparison(rows: list[dict]) -> Comparison:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,46 @@ def test_scaling_reports_every_size(ray_suite_ci):
         assert row["seconds"] > 0 and row["driver_peak_mib"] > 0 and row["workers_peak_total_mib"] > 0
 
 
+CPU_PROBE = """
+import sys, threading, time
+spun, done = threading.Event(), threading.Event()
+def spin():  # stays alive after spinning: /proc lists live threads only
+    end = time.thread_time() + 0.4
+    while time.thread_time() < end:
+        pass
+    spun.set()
+    done.wait()
+t = threading.Thread(target=spin); t.start(); spun.wait()
+print(time.process_time(), flush=True)
+sys.stdin.readline()
+done.set(); t.join()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_cpu_accounting_matches_what_a_child_process_measured_of_itself():
+    """A child (titled ``cpu-probe``) spins one thread for 0.4 CPU-seconds, prints its own
+    CPU time and waits: the snapshots must give it that much CPU, most of it in one thread."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.common import cores_between, cpu_snapshot
+
+    before, started = cpu_snapshot(threads_of="cpu-probe"), time.monotonic()
+    child = subprocess.Popen(["cpu-probe", "-c", CPU_PROBE], executable=sys.executable, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        after, seconds = cpu_snapshot(threads_of="cpu-probe"), time.monotonic() - started
+    finally:
+        child.communicate("\n", timeout=30)
+    by_title, threads = cores_between(before, after, seconds)
+    assert by_title["cpu-probe"] * seconds == pytest.approx(own, abs=0.03)  # /proc counts in 10 ms ticks
+    assert threads[0] * seconds == pytest.approx(0.4, abs=0.03)  # the spinning thread, busiest first
+    assert sum(threads) * seconds == pytest.approx(own, abs=0.03)
+
+
 def test_unknown_pool_kinds_are_refused_naming_the_allowed_ones(capsys):
     from benchmarks.run import main
 
@@ -226,6 +267,13 @@ def test_streaming_benchmark_trains_both_paths_at_every_size(ray_suite_ci):
             assert waits == [None] * p["epochs"]
         # Private memory is part of RSS (read a moment later, so a little slack).
         assert 0 < row["worker_peak_single_private_mib"] <= row["worker_peak_single_mib"] + 64
+        # The second epoch's CPU: the worker's threads are the worker; Ray Data runs only when streaming.
+        assert 0 < row["epoch2_seconds"] <= sum(row["train_seconds"]) + 30, row
+        assert sum(row["epoch2_worker_thread_cores"]) <= row["epoch2_worker_cores"] + 0.02 / row["epoch2_seconds"]
+        assert row["epoch2_worker_cores"] > 0 and row["epoch2_other_cores"] >= 0
+        if row["loading"] == "memory":  # (the suite's other benchmarks share this Ray: only the stream's own)
+            assert not any("SplitCoordinator" in title for title in row["epoch2_cores_by_process"]), row
+    assert any("cores used in the second epoch" in note for note in streaming["notes"])
 
 
 def test_streaming_throughput_compares_medians_over_alternating_pairs():
