@@ -95,17 +95,45 @@ def memory_mib(pid: int | str) -> tuple[float, float]:
     return found.get("VmRSS:", 0.0), found.get("RssAnon:", 0.0)
 
 
+def _stat_fields(stat_file: str) -> list[str]:
+    """The fields of a /proc ``stat`` file after the command name (which may hold spaces):
+    ``[state, parent pid, ...]``, so field n of proc(5) is at index n - 3."""
+    with open(stat_file) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _title(pid: str) -> str:
+    """A process's title: the first word of its command line (Ray's workers set it to
+    ``ray::<class or task>``)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read(256).split(b"\0")[0].decode(errors="replace")
+
+
 def _parent_pids() -> dict[str, str]:
     """pid -> parent pid of every process (Linux: read from /proc)."""
     parents = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    parents[pid] = f.read().rsplit(")", 1)[1].split()[1]
+                parents[pid] = _stat_fields(f"/proc/{pid}/stat")[1]
             except (OSError, IndexError):
                 continue
     return parents
+
+
+def _descendants(root: str) -> list[str]:
+    """``root`` (first) and every process below it."""
+    children: dict[str, list[str]] = {}
+    for pid, parent in _parent_pids().items():
+        children.setdefault(parent, []).append(pid)
+    found, todo, seen = [], [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:  # a pid reused while /proc was read could close a loop
+            seen.add(pid)
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
 
 
 def ray_worker_pids(root: str | None = None, title_contains: str = "") -> list[str]:
@@ -117,44 +145,20 @@ def ray_worker_pids(root: str | None = None, title_contains: str = "") -> list[s
     Reading /proc takes milliseconds and needs no Ray service (the state API can take
     seconds on a busy machine).
     """
-    root = root or str(os.getpid())
-    wanted = title_contains.encode()
-    parents = _parent_pids()
     pids = []
-    for pid in parents:
+    for pid in _descendants(root or str(os.getpid()))[1:]:
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read(256)
+            title = _title(pid)
         except OSError:
-            continue
-        if not title.startswith(b"ray::") or wanted not in title:
-            continue
-        ancestor, seen = parents.get(pid), set()
-        while ancestor and ancestor not in seen and ancestor != root:
-            seen.add(ancestor)
-            ancestor = parents.get(ancestor)
-        if ancestor == root:
+            continue  # ended while being read
+        if title.startswith("ray::") and title_contains in title:
             pids.append(pid)
     return pids
 
 
-def _descendants(root: str, parents: dict[str, str]) -> list[str]:
-    """``root`` and every process below it in ``parents`` (pid -> parent pid)."""
-    children: dict[str, list[str]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def _cpu_seconds(stat_file: str) -> float:
     """User + system CPU seconds from a /proc ``stat`` file (of a process or a thread)."""
-    with open(stat_file) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat_fields(stat_file)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -166,10 +170,9 @@ def cpu_snapshot(threads_of: str = "RayTrainWorker") -> dict[str, tuple[str, flo
     if not os.path.isdir("/proc"):
         return {}
     snapshot = {}
-    for pid in _descendants(str(os.getpid()), _parent_pids()):
+    for pid in _descendants(str(os.getpid())):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read(256).split(b"\0")[0].decode(errors="replace")
+            title = _title(pid)
             threads = {}
             if threads_of and threads_of in title:
                 for tid in os.listdir(f"/proc/{pid}/task"):

@@ -4,7 +4,7 @@ glibc hands allocations above a threshold (128 KiB to start) to ``mmap`` and giv
 back on ``free``, and trims freed memory at the top of its heap. A training step on the
 CPU allocates and frees its activations (megabytes each) every step, so every step maps
 fresh pages and the kernel zero-fills them again: measured in a streamed training worker
-of the 1M-row benchmark, 10,000-30,000 page faults a second, and none in a worker whose
+of the 1M-row benchmark, 10,000-12,600 page faults a second, and none in a worker whose
 loading had happened to raise glibc's adaptive threshold first. Raising both thresholds
 makes those buffers come from the heap and stay there for the next step.
 
