@@ -546,3 +546,16 @@ def test_the_job_ran_under_ray_job_submit_and_tracked_to_the_server_its_runtime_
     first = min((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
     assert first.info.status == "FINISHED" and first.data.params["output_dir"] == str(job["out"])
     assert client.get_registered_model("rayprune-robust").aliases["champion"] in (1, "1")
+
+
+def test_the_job_console_shows_its_epochs_without_ray_noise(job):
+    """The submitted job's console: the job's own line per epoch, without Ray Train's two
+    lines per report, Ray Data's stale no-free-CPU warning (rayprune.ray_logs) or torch's
+    warning on a read-only array."""
+    from rayprune.ray_logs import RAY_DATA_NO_FREE_CPU, RAY_TRAIN_PER_REPORT
+
+    console = job["submitted"].stdout + job["submitted"].stderr
+    epochs = job["config"].train.epochs, job["config"].final.train.epochs
+    assert f"scoring epoch {epochs[0]}/{epochs[0]}" in console and f"final epoch {epochs[1]}/{epochs[1]}" in console
+    for noise in (RAY_DATA_NO_FREE_CPU, *RAY_TRAIN_PER_REPORT, "NumPy array is not writable"):
+        assert noise not in console, noise

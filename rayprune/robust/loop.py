@@ -128,7 +128,7 @@ class StreamedBatches:
             images, labels = self._next_rows()
         finally:
             self.wait_seconds += self._clock() - started
-        labels_t = torch.as_tensor(np.asarray(labels, np.int64))
+        labels_t = torch.as_tensor(np.require(labels, np.int64, requirements="W"))  # Arrow's are read-only
         if self.device.type != "cuda":
             return to_float_images(images), labels_t
         # On CUDA: the uint8 batch (a quarter of the float bytes) goes from pinned host

@@ -102,8 +102,8 @@ class Embedder:
         pixels = decode_images(batch["image"], self.shape, ids=batch["id"], origin="pool")
         # The attack's random start is seeded by the batch's first id: the same rows, the same inputs.
         generator = torch.Generator(self.device).manual_seed(int(batch["id"][0])) if self.attack else None
-        emb, signals = embed_with_signals(self.model, to_float_images(pixels), torch.as_tensor(batch["label"]),
-                                          self.attack, generator=generator)
+        labels = torch.tensor(batch["label"])  # a copy: torch warns on Ray Data's read-only arrays
+        emb, signals = embed_with_signals(self.model, to_float_images(pixels), labels, self.attack, generator=generator)
         if self.tally is not None:
             try:
                 ray.get(self.tally.add.remote(self.node, len(emb)))

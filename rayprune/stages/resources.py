@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import ray
 
 from rayprune.config import RaySection
+from rayprune.ray_logs import quiet_ray_data_on_driver
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def connect(config: RaySection) -> None:
     """Join the cluster (``ray.address`` or RAY_ADDRESS) or start a new local Ray, with
     this driver's Ray Data settings (:func:`configure_ray_data`)."""
     configure_ray_data()
+    quiet_ray_data_on_driver()
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None

@@ -30,6 +30,7 @@ from rayprune.allocator import reuse_freed_memory
 from rayprune.config import JobConfig, TrainSection
 from rayprune.data.pool import decode_images
 from rayprune.errors import InputError, one_line
+from rayprune.ray_logs import quiet_ray_train_in_worker
 from rayprune.robust.attacks import AttackConfig
 from rayprune.robust.loop import ATConfig
 from rayprune.robust.models import build_model
@@ -347,6 +348,7 @@ def start_worker(spec: TrainingSpec) -> Worker:
     from rayprune.robust.ema import unwrap_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_train_in_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     reuse_freed_memory()  # before the rows load: a step's activations then stay mapped between steps
